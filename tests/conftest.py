@@ -1,0 +1,55 @@
+"""Shared fixtures: repository root on sys.path, the real NIST data, tiny synthetic datasets."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = ROOT.parent / "shared" / "data" / "nist-hes"
+
+
+@pytest.fixture(scope="session")
+def nist_hes() -> Path:
+    """../shared/data/nist-hes; skipped when absent, unless ENKI_REQUIRE_SHARED=1 (CI) makes it fatal."""
+    if not (SHARED_DATA / "images").is_dir():
+        if os.environ.get("ENKI_REQUIRE_SHARED") == "1":
+            pytest.fail(f"ENKI_REQUIRE_SHARED=1 but {SHARED_DATA} is missing")
+        pytest.skip(f"real data not found at {SHARED_DATA} (a user's clone without ../shared)")
+    return SHARED_DATA
+
+
+def write_pairs(folder: Path, count: int = 4, size: int = 64, channels: int = 1, dtype=np.uint16,
+                classes: int = 3, seed: int = 0, mask_ext: str = ".png", image_ext: str = ".tif"):
+    """Write `count` random image/mask pairs; returns (image_folder, mask_folder)."""
+    import imagecodecs
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    images = folder / "images"
+    masks = folder / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        shape = (size, size) if channels == 1 else (size, size, channels)
+        if np.dtype(dtype).kind == "f":
+            image = rng.normal(size=shape).astype(dtype)
+        else:
+            image = rng.integers(0, min(np.iinfo(dtype).max, 60000), size=shape).astype(dtype)
+        mask = rng.integers(0, classes, size=(size, size)).astype(np.uint8)
+        if image_ext == ".tif":
+            tifffile.imwrite(images / f"img{i:03d}.tif", image,
+                             photometric="minisblack", planarconfig="contig" if channels > 1 else None)
+        else:
+            imagecodecs.imwrite(str(images / f"img{i:03d}{image_ext}"), image)
+        if mask_ext == ".png":
+            imagecodecs.imwrite(str(masks / f"img{i:03d}.png"), mask)
+        else:
+            tifffile.imwrite(masks / f"img{i:03d}{mask_ext}", mask)
+    return images, masks
