@@ -68,7 +68,7 @@ class SourceResult:
     values: list[bytes]
     tiles: list[records.RecordSource]
     class_pixels: list[dict[int, int]]
-    stats: list[tuple]
+    stats: tuple  # records.ChannelStats.partial of the whole source image
     has_instances: bool
     image_dtype: str
     channels: int
@@ -258,8 +258,10 @@ def process_source(source: Source, options: BuildOptions) -> SourceResult:
     else:
         positions = [(0, 0)]
         tile_h, tile_w = height, width
-    result = SourceResult(source.stem, [], [], [], [], instance is not None, str(image.dtype),
-                          image.shape[2], str(semantic.dtype), warnings)
+    # channel statistics over the source pixels (once per image, not per possibly-overlapping tile)
+    result = SourceResult(source.stem, [], [], [], records.ChannelStats.partial(image),
+                          instance is not None, str(image.dtype), image.shape[2], str(semantic.dtype),
+                          warnings)
     for y, x in positions:
         window = (slice(y, y + tile_h), slice(x, x + tile_w))
         tile_image = image[window]
@@ -274,7 +276,6 @@ def process_source(source: Source, options: BuildOptions) -> SourceResult:
             instance=source.instance.name if source.instance else None,
             y=y, x=x, height=tile_h, width=tile_w))
         result.class_pixels.append(_class_pixels(tile_mask))
-        result.stats.append(records.ChannelStats.partial(tile_image))
     return result
 
 
@@ -390,8 +391,8 @@ class SplitAccumulator:
             )
         self.source_images += 1
         self.mask_dtypes.add(result.mask_dtype)
-        for value, tile, pixels, stats in zip(result.values, result.tiles, result.class_pixels,
-                                              result.stats):
+        self.stats.add_partial(*result.stats)
+        for value, tile, pixels in zip(result.values, result.tiles, result.class_pixels):
             index = len(self.sources)
             writer.put(records.record_key(index), value)
             self.sources.append(tile)
@@ -399,7 +400,6 @@ class SplitAccumulator:
             for class_id, count in pixels.items():
                 self.class_records.setdefault(class_id, []).append(index)
                 self.class_pixels[class_id] = self.class_pixels.get(class_id, 0) + count
-            self.stats.add_partial(*stats)
 
     def metadata(self, args, split_seed: int, class_names: dict[int, str]) -> records.DatasetMetadata:
         (height, width) = next(iter(self.shapes)) if len(self.shapes) == 1 else (None, None)
@@ -545,6 +545,10 @@ def build(args) -> dict:
             if target.exists():  # only reachable with --overwrite (checked before the build)
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             item.rename(target)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
         success = True
         summary.update(_summary(splits, final, time.perf_counter() - start, warnings))
         return summary
@@ -563,7 +567,14 @@ def _worker_pool(workers: int, tasks: int):
     if workers == 1 or tasks < 2:
         return None
     ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    return ctx.Pool(min(workers, tasks))
+    return ctx.Pool(min(workers, tasks), initializer=_worker_init)
+
+
+def _worker_init() -> None:
+    # Workers must die on the SIGTERM of Pool.terminate() (not inherit the parent's handler), and
+    # leave Ctrl-C to the parent, which then terminates the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_all(args, options, splits, skipped, warnings, pool) -> None:
@@ -592,10 +603,11 @@ def _consume(results, tasks, owners, splits, args, skipped, warnings, progress):
 
 
 def _progress(total: int, quiet: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional; without it there is no bar
-        quiet = True
+    if not quiet:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is optional; without it there is no bar
+            quiet = True
     if quiet:
         class _Null:
             def update(self, n):

@@ -51,6 +51,11 @@ INSTANCE = "instance"
 CLASSES = "classes"
 _KNOWN_NAMES = (IMAGE, SEMANTIC, INSTANCE, CLASSES)
 
+# decode-time lookups, so the per-record cost is a few struct unpacks and np.frombuffer calls
+_NAMES = {n.encode().ljust(8, b"\0"): n for n in _KNOWN_NAMES}
+_DTYPES = {np.dtype(t).str.encode().ljust(4, b"\0"): np.dtype(t)
+           for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")}
+
 CODECS = {"none": 0, "zstd": 1, "lz4": 2, "png": 3}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 
@@ -212,17 +217,18 @@ def decode_arrays(value, key: bytes | str = b"?") -> dict[str, np.ndarray]:
         except struct.error:
             raise RecordError(f"record {_key_str(key)}: truncated header") from None
         pos += _DESCRIPTOR.size
-        name = raw_name.rstrip(b"\0").decode("ascii", "replace")
-        try:
-            dtype = np.dtype(raw_dtype.rstrip(b"\0").decode("ascii"))
-        except TypeError:
-            raise RecordError(f"record {_key_str(key)}: bad dtype in array {name!r}") from None
+        name = _NAMES.get(raw_name) or raw_name.rstrip(b"\0").decode("ascii", "replace")
+        dtype = _DTYPES.get(raw_dtype)
+        if dtype is None:
+            raise RecordError(f"record {_key_str(key)}: bad dtype {raw_dtype!r} in array {name!r}")
         shape = (s0, s1, s2)[:ndim]
         if offset + nbytes > len(buf):
             raise RecordError(
                 f"record {_key_str(key)}: array {name!r} runs past the end of the value (truncated)"
             )
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = dtype.itemsize
+        for n in shape:
+            expected *= n
         payload = buf[offset : offset + nbytes]
         if codec == 0:
             if nbytes != expected:
@@ -393,10 +399,11 @@ class ChannelStats:
     @staticmethod
     def partial(image: np.ndarray):
         """(count, mean, m2, min, max) of an (H, W, C) array, per channel."""
-        flat = image.reshape(-1, image.shape[-1]).astype(np.float64)
-        mean = flat.mean(axis=0)
-        m2 = ((flat - mean) ** 2).sum(axis=0)
-        return flat.shape[0], mean, m2, flat.min(axis=0), flat.max(axis=0)
+        flat = image.reshape(-1, image.shape[-1])
+        mean = flat.mean(axis=0, dtype=np.float64)
+        m2 = np.array([np.square(flat[:, c] - mean[c], dtype=np.float64).sum()
+                       for c in range(flat.shape[1])])
+        return flat.shape[0], mean, m2, flat.min(axis=0).astype(np.float64), flat.max(axis=0).astype(np.float64)
 
     def add(self, image: np.ndarray):
         self.add_partial(*self.partial(image))
@@ -417,3 +424,73 @@ def merge_into(target: Mapping, update: Mapping) -> dict:
     for k, v in update.items():
         out[k] = out.get(k, 0) + v
     return out
+
+
+class Database:
+    """Read-only access to a built database, opened lazily in the process that uses it.
+
+    The LMDB environment is opened on first use and re-opened if the object finds itself in a
+    different process (after fork), so no environment is ever shared across processes.
+    ``read(i)`` returns copies; use ``view(i)`` inside ``with db.transaction():`` for zero-copy.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.metadata = read_metadata(self.path)
+        self._env = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.metadata.record_count
+
+    def _environment(self):
+        import os
+
+        import lmdb
+
+        if self._env is None or self._pid != os.getpid():
+            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, subdir=True,
+                                  max_readers=2048)
+            self._pid = os.getpid()
+        return self._env
+
+    def transaction(self):
+        """A read transaction (context manager); values it returns are buffers valid inside it."""
+        return self._environment().begin(buffers=True)
+
+    def view(self, txn, index: int) -> Example:
+        """Zero-copy decode of record ``index`` within ``txn``."""
+        key = record_key(index)
+        value = txn.get(key)
+        if value is None:
+            raise RecordError(f"record {key.decode()} missing from {self.path}")
+        return decode_example(value, key)
+
+    def read(self, index: int) -> Example:
+        """Decode record ``index`` into arrays this process owns."""
+        with self.transaction() as txn:
+            ex = self.view(txn, index)
+            return Example(
+                np.array(ex.image), np.array(ex.semantic_mask),
+                None if ex.instance_labels is None else np.array(ex.instance_labels),
+                None if ex.instance_classes is None else np.array(ex.instance_classes),
+            )
+
+    def close(self) -> None:
+        import os
+
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+        self._pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_env=None, _pid=None)  # never pickle an open environment
+        return state

@@ -13,8 +13,13 @@ extra="${ENKI_TF:-cpu}"
 stamp="$root/.venv/.setup-stamp"
 want="$(sha1sum "$root/pyproject.toml" | cut -c1-40)-$extra"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    python -m pip install -q --upgrade pip
-    python -m pip install -q -e "$root[$extra,dev]"
+    log="$root/.venv/setup.log"
+    if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e "$root[$extra,dev]"; } \
+            >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup failed; the pip log above is also in $log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
 set +euo pipefail
