@@ -392,7 +392,7 @@ def sample_params(
     noise_fraction, noise_seed = 0.0, None
     if config.noise > 0:
         noise_fraction = float(rng.uniform(0.0, config.noise))
-        noise_seed = int(rng.integers(0, 2**63 - 1))
+        noise_seed = int(rng.integers(0, 2**31 - 1))
     intensity_fraction = float(rng.uniform(-config.intensity, config.intensity)) if config.intensity > 0 else 0.0
     brightness_factor = (
         float(rng.uniform(1.0 - config.brightness, 1.0 + config.brightness)) if config.brightness > 0 else 1.0
@@ -498,6 +498,19 @@ def _channel_range(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     return (flat.max(axis=0) - flat.min(axis=0)).astype(np.float32)
 
 
+def _gaussian_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 noise, a pure function of ``seed``.
+
+    cv2.randn is ~4x faster than numpy's float32 normal sampler (0.2 vs 0.9 ms for 256x256), and
+    noise was the largest single cost of the default augmentation. cv2's generator is per thread,
+    so seeding it right before the draw keeps this deterministic in any thread or process.
+    """
+    noise = np.empty(shape, np.float32)
+    cv2.setRNGSeed(int(seed))
+    cv2.randn(noise.reshape(-1, 1), 0.0, 1.0)
+    return noise
+
+
 def apply_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     """Apply ``params`` to an image.
 
@@ -531,7 +544,7 @@ def apply_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     if params.blur_sigma >= _MIN_BLUR_SIGMA:
         result = _blur_channels(result, params.blur_sigma)
     if params.noise_fraction > 0 and params.noise_seed is not None:
-        noise = np.random.default_rng(params.noise_seed).standard_normal(result.shape, dtype=np.float32)
+        noise = _gaussian_noise(params.noise_seed, result.shape)
         noise *= np.float32(params.noise_fraction) * span
         result += noise
     if params.intensity_fraction != 0:

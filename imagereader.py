@@ -1,0 +1,759 @@
+"""The reader engine: worker processes turn LMDB records into ready batches in shared memory.
+
+    from imagereader import ImageReader, ReaderConfig
+    with ImageReader(ReaderConfig("train-hes.lmdb", batch_size=8, num_workers=2)) as reader:
+        for batch in reader:          # train mode: an endless stream of exact epochs
+            batch["image"]            # (B, H, W, C) float32, normalized
+            batch["semantic_mask"]    # (B, H, W) int32
+            batch["index"]            # (B,) int64 record indices
+
+How it works. Each worker opens the database itself (read-only, after it starts), decodes records
+zero-copy, augments and normalizes them, and writes whole batches into preallocated batch *slots* of
+one shared-memory block; only small messages (slot ids) travel through a pipe per worker. Slots are
+owned by workers (``slots_per_worker`` each), batch ``s`` is made by worker ``s % num_workers``, and
+the consumer hands batches out in order of ``s``; so the stream does not depend on the worker count
+or on timing. The shared-memory file is unlinked as soon as every worker has mapped it, so even a
+SIGKILL of the whole process tree leaves nothing in /dev/shm.
+
+What is in batch ``s`` is a pure function of the configuration:
+
+* train mode, shuffled: the stream is the concatenation of per-epoch permutations of the shard's
+  records (seeded by ``(seed, epoch)``), so every epoch holds every record exactly once, and batch
+  ``s`` is stream positions ``[s*B, (s+1)*B)``, crossing epoch boundaries when ``B`` does not divide
+  the record count. ``start_position`` resumes the stream anywhere (``reader.position`` tells where).
+* train mode, ``balance_classes``: each position draws a class uniformly among the classes present,
+  then a record containing it (NIST's scheme), from the per-class index in the metadata.
+* test mode: the shard's records in index order, once per pass; the last batch of a pass is partial
+  (fewer than ``B`` rows: arrays have the real length, so nothing is duplicated or padded). Each
+  ``iter(reader)`` yields exactly one pass; the next ``iter`` yields the next, identical pass.
+
+Each example's augmentation is drawn from ``np.random.default_rng([seed, epoch, index])``, so the
+same seed gives identical examples with any number of workers and any start method.
+
+Failure: a worker exception reaches the consumer as ``ReaderError`` with the worker's traceback; a
+worker killed by a signal (e.g. the OOM killer's SIGKILL) raises ``ReaderError`` naming the signal;
+a corrupt record names its key (or, with ``skip_corrupt``, is replaced by the next record with a
+warning). The reader is a context manager; leaving it (also by exception or Ctrl-C) stops and joins
+every worker. Importing this module does not import TensorFlow; ``as_tf_dataset`` imports it lazily.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import connection
+
+import numpy as np
+
+import augment
+import records
+from normalization import Normalization
+
+logger = logging.getLogger(__name__)
+
+STARVATION_MESSAGE = "Input Queue Starvation !!!!"
+STARVATION_OVER_MESSAGE = "Input Queue Starvation Over"
+#: NIST's thresholds: starving below 10% of the queue capacity, recovered above 50%.
+STARVATION_LOW = 0.10
+STARVATION_HIGH = 0.50
+
+
+class ReaderError(RuntimeError):
+    """A worker failed; the message carries its traceback or the signal that killed it."""
+
+
+@dataclass
+class ReaderConfig:
+    """Everything a reader needs; picklable, so workers receive it whatever the start method.
+
+    database: path of an LMDB built by build_lmdb.py.
+    batch_size: examples per batch (per replica, in the trainers).
+    num_workers: worker processes.
+    mode: "train" (endless shuffled or balanced stream) or "test" (every record once per pass, in order).
+    augment: augmentation settings, or None for none (test mode never augments).
+    normalization: a ``normalization.Normalization``; its method is recorded in run configs.
+    balance_classes: NIST's class-balanced sampling (train mode).
+    seed: seeds the shuffling and every example's augmentation.
+    shard_index, num_shards: this reader reads records ``shard_index::num_shards`` only (multi-worker
+        training: disjoint shards that together cover the database).
+    start_position: train mode: the stream position (examples) to start at, for resume.
+    slots_per_worker: batch slots each worker owns (queue capacity = num_workers * slots_per_worker).
+    size_multiple: records' height and width must be multiples of this (the model's downsampling).
+    max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
+    skip_corrupt: replace a corrupt record by the next one with a warning instead of failing.
+    copy: hand out copies instead of views that are only valid until the next batch is requested.
+    start_method: "fork", "spawn" or "forkserver"; None picks fork unless TensorFlow is already
+        imported in this process (forking a process with TensorFlow's threads running is unsafe).
+    stall_timeout: seconds without any batch from a live worker before ReaderError (a hung worker).
+    """
+
+    database: str
+    batch_size: int = 8
+    num_workers: int = 1
+    mode: str = "train"
+    augment: augment.AugmentConfig | None = None
+    normalization: Normalization = field(default_factory=Normalization)
+    balance_classes: bool = False
+    seed: int = 0
+    shard_index: int = 0
+    num_shards: int = 1
+    start_position: int = 0
+    slots_per_worker: int = 3
+    size_multiple: int = 1
+    max_instances: int = 0
+    skip_corrupt: bool = False
+    copy: bool = False
+    start_method: str | None = None
+    stall_timeout: float = 600.0
+
+    def __post_init__(self):
+        if self.mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {self.mode!r}")
+        if self.batch_size < 1 or self.num_workers < 1 or self.slots_per_worker < 2:
+            raise ValueError("batch_size and num_workers must be >= 1 and slots_per_worker >= 2")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} not in [0, num_shards={self.num_shards})")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"start_method {self.start_method!r} is not fork, spawn or forkserver")
+
+
+# ----------------------------------------------------------------------------- what goes where
+
+
+class Plan:
+    """Which record (and which random stream) fills each row of batch ``seq``; pure and cheap."""
+
+    def __init__(self, config: ReaderConfig, metadata: records.DatasetMetadata):
+        self.config = config
+        self.indices = np.arange(metadata.record_count, dtype=np.int64)[config.shard_index::config.num_shards]
+        if self.indices.size == 0:
+            raise ReaderError(
+                f"shard {config.shard_index} of {config.num_shards} of {config.database} is empty "
+                f"({metadata.record_count} records); use fewer shards"
+            )
+        self.count = int(self.indices.size)
+        self.batches_per_pass = math.ceil(self.count / config.batch_size)
+        self._perms: dict[int, np.ndarray] = {}
+        self._class_records = None
+        if config.balance_classes and config.mode == "train":
+            shard = set(self.indices.tolist())
+            self._class_records = [
+                np.array([i for i in metadata.class_records[c] if i in shard], np.int64)
+                for c in sorted(metadata.class_records)
+            ]
+            self._class_records = [r for r in self._class_records if r.size]
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            perm = self.indices[np.random.default_rng([self.config.seed, epoch]).permutation(self.count)]
+            self._perms[epoch] = perm
+        return perm
+
+    def rows(self, seq: int) -> list[tuple[int, list[int] | None]]:
+        """[(record index, rng entropy or None)] for the rows of batch ``seq``."""
+        cfg = self.config
+        if cfg.mode == "test":
+            b = seq % self.batches_per_pass
+            chunk = self.indices[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            return [(int(i), None) for i in chunk]
+        out = []
+        start = cfg.start_position + seq * cfg.batch_size
+        for position in range(start, start + cfg.batch_size):
+            epoch, offset = divmod(position, self.count)
+            if self._class_records is None:
+                index = int(self._permutation(epoch)[offset])
+                entropy = [cfg.seed, epoch, index]
+            else:
+                pick = np.random.default_rng([cfg.seed, epoch, offset, 1])
+                records_of_class = self._class_records[int(pick.integers(len(self._class_records)))]
+                index = int(records_of_class[int(pick.integers(records_of_class.size))])
+                entropy = [cfg.seed, epoch, index, offset]
+            out.append((index, entropy))
+        return out
+
+
+# ----------------------------------------------------------------------------- shared memory
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class SharedSlots:
+    """Preallocated batch slots in one shared-memory file; ``arrays[name][slot]`` is one batch.
+
+    Created by the consumer, which owns (unlinks and unmaps) it; pickled to a spawned worker as its
+    path and layout, and re-mapped there. Forked workers inherit the mapping itself.
+    """
+
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], str]], num_slots: int,
+                 path: str | None = None):
+        self.layout = layout
+        self.num_slots = num_slots
+        offsets, size = {}, 0
+        for name, (shape, dtype) in layout.items():
+            offsets[name] = size
+            nbytes = num_slots * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            size += (nbytes + 63) // 64 * 64
+        self.size = max(size, 64)
+        self.owner = path is None
+        if self.owner:
+            path = os.path.join(_shm_dir(), f"enki-reader-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, self.size)
+                self._mmap = mmap.mmap(fd, self.size)
+            except BaseException:
+                os.unlink(path)
+                raise
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                self._mmap = mmap.mmap(fd, self.size)
+            finally:
+                os.close(fd)
+        self.path = path
+        self.unlinked = False
+        self.arrays = {
+            name: np.ndarray((num_slots, *shape), dtype, buffer=self._mmap, offset=offsets[name])
+            for name, (shape, dtype) in layout.items()
+        }
+
+    def unlink(self) -> None:
+        if self.owner and not self.unlinked:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.unlinked = True
+
+    def close(self) -> None:
+        self.unlink()
+        self.arrays = {}
+        try:
+            self._mmap.close()
+        except BufferError:  # a caller still holds a view; the mapping goes when it does
+            pass
+
+    def __getstate__(self):
+        return {"layout": self.layout, "num_slots": self.num_slots, "path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["layout"], state["num_slots"], state["path"])
+
+
+def batch_layout(config: ReaderConfig, metadata: records.DatasetMetadata) -> dict:
+    """Shapes (without the slot axis) and dtypes of every array of a batch."""
+    b, h, w, c = config.batch_size, metadata.record_height, metadata.record_width, metadata.channels
+    layout = {
+        "image": ((b, h, w, c), "float32"),
+        "semantic_mask": ((b, h, w), "int32"),
+        "index": ((b,), "int64"),
+    }
+    if config.max_instances > 0:
+        m = config.max_instances
+        layout.update({
+            "instance_labels": ((b, h, w), "int32"),
+            "boxes": ((b, m, 4), "float32"),
+            "box_classes": ((b, m), "int32"),
+            "num_instances": ((b,), "int32"),
+        })
+    return layout
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class _Producer:
+    """Fills batch slots in a worker process."""
+
+    def __init__(self, config: ReaderConfig, plan: Plan, slots: SharedSlots, send_warning):
+        self.config = config
+        self.plan = plan
+        self.arrays = slots.arrays
+        self.db = records.Database(config.database)  # opened lazily, in this process
+        self.send_warning = send_warning
+        self.augment = config.augment if config.mode == "train" else None
+        if self.augment is not None and self.augment.is_identity:
+            self.augment = None
+        self.normalization = config.normalization
+
+    def fill(self, slot: int, seq: int) -> int:
+        rows = self.plan.rows(seq)
+        with self.db.transaction() as txn:
+            for j, (index, entropy) in enumerate(rows):
+                index, example = self._read(txn, index)
+                self._fill_row(slot, j, index, example, entropy)
+        return len(rows)
+
+    def _read(self, txn, index: int):
+        tried = 0
+        while True:
+            try:
+                return index, self.db.view(txn, index)
+            except records.RecordError as exc:
+                if not self.config.skip_corrupt:
+                    raise ReaderError(f"{self.config.database}: {exc}; rebuild the database or set "
+                                      "skip_corrupt") from None
+                self.send_warning(f"{self.config.database}: {exc}; skipped, using the next record")
+                tried += 1
+                if tried >= len(self.db):
+                    raise ReaderError(f"{self.config.database}: every record is corrupt") from None
+                index = (index + 1) % len(self.db)
+
+    def _fill_row(self, slot: int, j: int, index: int, example: records.Example, entropy) -> None:
+        arrays = self.arrays
+        image_out = arrays["image"][slot, j]
+        semantic = example.semantic_mask
+        instance = example.instance_labels
+        if self.augment is not None:
+            rng = np.random.default_rng(entropy)
+            params = augment.sample_params(rng, self.augment, semantic.shape)
+            warped = augment.apply_image(example.image, params)
+            self.normalization.apply(warped, out=image_out)
+            semantic = augment.apply_labels(semantic, params)
+            if instance is not None and self.config.max_instances > 0:
+                instance = augment.apply_labels(instance, params)
+        else:
+            self.normalization.apply(example.image, out=image_out)
+        arrays["semantic_mask"][slot, j] = semantic
+        arrays["index"][slot, j] = index
+        if self.config.max_instances > 0:
+            self._fill_instances(slot, j, instance, example.instance_classes, index)
+
+    def _fill_instances(self, slot, j, instance, classes, index) -> None:
+        arrays = self.arrays
+        m = self.config.max_instances
+        boxes_out = arrays["boxes"][slot, j]
+        classes_out = arrays["box_classes"][slot, j]
+        boxes_out[:] = 0
+        classes_out[:] = 0
+        if instance is None:
+            arrays["instance_labels"][slot, j] = 0
+            arrays["num_instances"][slot, j] = 0
+            return
+        boxes, box_classes, ids = augment.boxes_from_instances(instance, classes)
+        if ids.size > m:
+            self.send_warning(f"record {index} has {ids.size} objects, more than max_instances={m}; "
+                              f"keeping the {m} largest")
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            keep = np.sort(np.argsort(-areas, kind="stable")[:m])
+            boxes, box_classes, ids = boxes[keep], box_classes[keep], ids[keep]
+        # renumber the kept objects 1..n so instance id k matches boxes[k - 1]
+        lut = np.zeros(int(instance.max()) + 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+        arrays["instance_labels"][slot, j] = lut[instance]
+        boxes_out[: ids.size] = boxes
+        classes_out[: ids.size] = box_classes
+        arrays["num_instances"][slot, j] = ids.size
+
+
+def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn, plan: Plan) -> None:
+    """Worker process entry point: fill own slots in turn, report each, stop on None or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    try:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)  # one core per worker; cv2's own threads would oversubscribe
+        except ImportError:
+            pass
+        producer = _Producer(config, plan, slots, lambda m: conn.send(("warning", m)))
+        k = config.slots_per_worker
+        free = deque(range(worker_id * k, (worker_id + 1) * k))
+        conn.send(("ready",))
+        seq = worker_id
+        while True:
+            while conn.poll() or not free:
+                message = conn.recv()
+                if message is None:
+                    return
+                free.append(message)
+            if os.getppid() != parent:
+                return  # orphaned: the consumer is gone
+            slot = free.popleft()
+            started = time.perf_counter()
+            count = producer.fill(slot, seq)
+            conn.send(("batch", seq, slot, count, time.perf_counter() - started))
+            seq += config.num_workers
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the consumer closed the pipe: shut down quietly
+    except BaseException as exc:
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except Exception:
+            pass
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- the consumer
+
+
+def _default_start_method() -> str:
+    if "tensorflow" in sys.modules:
+        return "forkserver"
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _shutdown(processes, conns, slots) -> None:
+    """Stop workers (polite, then SIGTERM, then SIGKILL), close pipes, release shared memory."""
+    for conn in conns:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + 2.0
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(1.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+    for conn in conns:
+        conn.close()
+    for proc in processes:
+        try:
+            proc.close()
+        except ValueError:
+            pass
+    if slots is not None:
+        slots.close()
+
+
+class ImageReader:
+    """Context manager and iterator over ready batches (see the module docstring)."""
+
+    def __init__(self, config: ReaderConfig | None = None, **kwargs):
+        if config is None:
+            config = ReaderConfig(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.config = config
+        self.metadata = records.read_metadata(config.database)
+        meta = self.metadata
+        if meta.record_height is None:
+            raise ReaderError(f"{config.database}: records differ in size; rebuild it with "
+                              "--use_tiling 1 so every record has one shape")
+        for side, name in ((meta.record_height, "height"), (meta.record_width, "width")):
+            if side % config.size_multiple:
+                raise ReaderError(f"{config.database}: record {name} {side} is not a multiple of the "
+                                  f"model's size multiple {config.size_multiple}; rebuild with a tile "
+                                  "size that is")
+        if config.max_instances > 0 and not meta.has_instances:
+            logger.warning("%s has no instance labels; instance outputs will be empty", config.database)
+        self.plan = Plan(config, meta)
+        self.layout = batch_layout(config, meta)
+        self.capacity = config.num_workers * config.slots_per_worker
+        self._processes: list = []
+        self._conns: list = []
+        self._slots: SharedSlots | None = None
+        self._finalizer = None
+        self._ready: dict[int, tuple[int, int]] = {}
+        self._held: tuple[int, int] | None = None  # (worker, slot) handed to the consumer
+        self._next_seq = 0
+        self._pass_remaining = 0
+        self._started = False
+        self._closed = False
+        # statistics
+        self._starving = False
+        self._starvation_events = 0
+        self._wait_seconds = 0.0
+        self._batches = 0
+        self._produced = 0
+        self._busy_seconds = 0.0
+        self._start_time = None
+
+    # -- life cycle
+
+    def start(self) -> "ImageReader":
+        if self._closed:
+            raise ReaderError("this reader was closed; create a new one")
+        if self._started:
+            return self
+        cfg = self.config
+        method = cfg.start_method or _default_start_method()
+        ctx = multiprocessing.get_context(method)
+        self._slots = SharedSlots(self.layout, self.capacity)
+        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns, self._slots)
+        self._started = True
+        try:
+            if method == "fork":
+                self._slots.unlink()  # children inherit the mapping; nothing left to find in /dev/shm
+            for worker_id in range(cfg.num_workers):
+                parent_conn, child_conn = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=_worker_main, name=f"imagereader-{worker_id}", daemon=True,
+                                   args=(worker_id, cfg, self._slots, child_conn, self.plan))
+                proc.start()
+                child_conn.close()
+                self._processes.append(proc)
+                self._conns.append(parent_conn)
+            for worker_id in range(cfg.num_workers):
+                message = self._recv_from(worker_id, timeout=max(60.0, cfg.stall_timeout))
+                if message[0] != "ready":
+                    raise ReaderError(f"worker {worker_id} sent {message[0]!r} before 'ready'")
+            self._slots.unlink()  # every worker has mapped it now
+        except BaseException:
+            self.close()
+            raise
+        self._start_time = time.perf_counter()
+        logger.debug("reader started: %d %s workers on %s", cfg.num_workers, method, cfg.database)
+        return self
+
+    def close(self) -> None:
+        """Stop and join every worker and release the shared memory; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+        if self._starvation_events:
+            logger.info("%s", self.suggestion())
+
+    def __enter__(self) -> "ImageReader":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- iteration
+
+    def __iter__(self):
+        self.start()
+        if self.config.mode == "test":
+            self._pass_remaining = self.plan.batches_per_pass
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.config.mode == "test":
+            if self._pass_remaining <= 0:
+                self._release_held()
+                raise StopIteration
+            self._pass_remaining -= 1
+        return self.next_batch()
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        """The next batch (views valid until the next call, unless ``copy``)."""
+        if not self._started:
+            self.start()
+        if self._closed:
+            raise ReaderError("this reader was closed")
+        self._release_held()
+        seq = self._next_seq
+        if seq in self._ready:
+            self._pump(timeout=0.0, seq=seq)  # drain what else is ready, for the depth reading
+            depth = len(self._ready)  # counting the batch about to be handed out
+        else:
+            started = time.perf_counter()
+            while seq not in self._ready:
+                self._pump(timeout=1.0, seq=seq)
+            self._wait_seconds += time.perf_counter() - started
+            depth = 0  # the consumer found the queue empty
+        self._watch_starvation(depth)
+        worker, slot, count = self._ready.pop(seq)
+        self._next_seq += 1
+        self._batches += 1
+        self._held = (worker, slot)
+        batch = {name: array[slot, :count] for name, array in self._slots.arrays.items()}
+        if self.config.copy:
+            batch = {name: np.array(a) for name, a in batch.items()}
+        return batch
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            worker, slot = self._held
+            self._held = None
+            try:
+                self._conns[worker].send(slot)
+            except (OSError, ValueError):
+                pass  # a dead worker is reported by _pump
+
+    def _pump(self, timeout: float, seq: int) -> None:
+        """Receive every pending message; raise ReaderError for failed or dead workers."""
+        waitables = list(self._conns) + [p.sentinel for p in self._processes]
+        ready = connection.wait(waitables, timeout)
+        for obj in ready:
+            if obj in self._conns:
+                worker = self._conns.index(obj)
+                self._drain(worker)
+        for worker, proc in enumerate(self._processes):
+            if proc.sentinel in ready or not proc.is_alive():
+                self._drain(worker)  # an error message sent just before exiting comes first
+                raise ReaderError(self._death_message(worker, proc))
+        if not ready and timeout > 0:
+            self._check_stall(seq, timeout)
+
+    def _drain(self, worker: int) -> None:
+        conn = self._conns[worker]
+        try:
+            while conn.poll():
+                self._handle(worker, conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _recv_from(self, worker: int, timeout: float):
+        conn, proc = self._conns[worker], self._processes[worker]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = connection.wait([conn, proc.sentinel], min(1.0, deadline - time.monotonic()))
+            if conn in ready:
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    raise ReaderError(self._death_message(worker, proc)) from None
+                if message[0] == "error":
+                    self._handle(worker, message)
+                if message[0] == "warning":
+                    self._handle(worker, message)
+                    continue
+                return message
+            if proc.sentinel in ready:
+                raise ReaderError(self._death_message(worker, proc))
+        raise ReaderError(f"worker {worker} did not start within {timeout:.0f} s")
+
+    def _handle(self, worker: int, message) -> None:
+        kind = message[0]
+        if kind == "batch":
+            _, seq, slot, count, busy = message
+            self._ready[seq] = (worker, slot, count)
+            self._produced += 1
+            self._busy_seconds += busy
+        elif kind == "warning":
+            logger.warning("reader worker %d: %s", worker, message[1])
+        elif kind == "error":
+            _, summary, tb = message
+            self.close()
+            raise ReaderError(f"reader worker {worker} failed: {summary}\n--- worker traceback ---\n{tb}")
+
+    def _death_message(self, worker: int, proc) -> str:
+        proc.join(0.5)
+        code, pid = proc.exitcode, proc.pid
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if -code == 9 else ""
+            reason = f"was killed by {name}{hint}"
+        else:
+            reason = f"exited unexpectedly with code {code}"
+        self.close()
+        return f"reader worker {worker} (pid {pid}) {reason}; the reader has been stopped"
+
+    def _check_stall(self, seq: int, waited: float) -> None:
+        self._stall = getattr(self, "_stall", 0.0) + waited
+        if self._stall >= self.config.stall_timeout:
+            worker = seq % self.config.num_workers
+            self.close()
+            raise ReaderError(f"no batch from reader worker {worker} for {self.config.stall_timeout:.0f} s "
+                              "although it is alive; is the database on a hung file system?")
+
+    def _watch_starvation(self, depth: int) -> None:
+        self._stall = 0.0
+        if self._batches < self.capacity:
+            return  # warm-up: the queue starts empty by construction
+        if not self._starving and depth < STARVATION_LOW * self.capacity:
+            self._starving = True
+            self._starvation_events += 1
+            logger.warning(STARVATION_MESSAGE)
+        elif self._starving and depth > STARVATION_HIGH * self.capacity:
+            self._starving = False
+            logger.warning(STARVATION_OVER_MESSAGE)
+
+    # -- state and statistics
+
+    @property
+    def queue_depth(self) -> int:
+        """Ready batches waiting for the consumer."""
+        return len(self._ready)
+
+    @property
+    def position(self) -> int:
+        """Train mode: stream position (examples) of the next batch; pass it as ``start_position``."""
+        return self.config.start_position + self._next_seq * self.config.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.plan.count
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the trainer's logs (wait time, rates, starvation)."""
+        elapsed = max(time.perf_counter() - (self._start_time or time.perf_counter()), 1e-9)
+        busy = self._busy_seconds / self._produced if self._produced else float("nan")
+        active = max(elapsed - self._wait_seconds, 1e-9)
+        return {
+            "batches": self._batches,
+            "queue_depth": self.queue_depth,
+            "queue_capacity": self.capacity,
+            "wait_seconds": self._wait_seconds,
+            "wait_fraction": self._wait_seconds / elapsed,
+            "consumer_batches_per_s": self._batches / elapsed,
+            "demand_batches_per_s": self._batches / active,
+            "producer_batches_per_s": self._produced / elapsed,
+            "worker_seconds_per_batch": busy,
+            "starvation_events": self._starvation_events,
+        }
+
+    def suggestion(self) -> str:
+        """A reader-count suggestion from the measured rates (meaningful after starvation)."""
+        s = self.stats()
+        if not self._starvation_events or not s["batches"] or math.isnan(s["worker_seconds_per_batch"]):
+            return "no input starvation seen"
+        needed = math.ceil(s["demand_batches_per_s"] * s["worker_seconds_per_batch"] * 1.1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        advice = (f"try --reader_count {needed}" if needed > self.config.num_workers
+                  else "more readers would not help; the starvation was transient")
+        if needed > cpus:
+            advice += f" (but only {cpus} CPUs are available: lighten the augmentation or add CPUs)"
+        return (f"input starvation seen {s['starvation_events']} time(s), {s['wait_seconds']:.1f} s "
+                f"waiting ({100 * s['wait_fraction']:.0f}% of the time); the consumer wants "
+                f"{s['demand_batches_per_s']:.1f} batches/s and one reader makes "
+                f"{1 / s['worker_seconds_per_batch']:.1f}/s: {advice}")
+
+    # -- TensorFlow
+
+    def output_signature(self):
+        """``tf.TensorSpec`` per batch array; the batch axis is None (test passes end partial)."""
+        import tensorflow as tf
+
+        return {name: tf.TensorSpec((None, *shape[1:]), tf.as_dtype(dtype), name=name)
+                for name, (shape, dtype) in self.layout.items()}
+
+    def as_tf_dataset(self, prefetch: int = 1):
+        """A ``tf.data.Dataset`` of batch dicts with a fixed signature.
+
+        In test mode one iteration of the dataset is one pass; in train mode it is endless. Batches
+        are copied out of the shared slots (TensorFlow may alias numpy memory, and the slot is
+        reused). Use it per input pipeline inside ``strategy.distribute_datasets_from_function``,
+        with ``shard_index``/``num_shards`` from the input context.
+        """
+        import tensorflow as tf
+
+        def generate():
+            for batch in self:
+                yield {name: np.array(array) for name, array in batch.items()}
+
+        dataset = tf.data.Dataset.from_generator(generate, output_signature=self.output_signature())
+        return dataset.prefetch(prefetch) if prefetch else dataset

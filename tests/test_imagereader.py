@@ -1,0 +1,427 @@
+"""The reader engine: exact passes and epochs, determinism, sampling, alignment, failures, cleanup."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import imagecodecs
+import lmdb
+import numpy as np
+import pytest
+import tifffile
+
+import augment
+import build_lmdb
+import records
+from conftest import ROOT
+from imagereader import (STARVATION_MESSAGE, STARVATION_OVER_MESSAGE, ImageReader, ReaderConfig,
+                         ReaderError)
+from normalization import Normalization
+
+pytestmark = pytest.mark.timeout(120)  # every reader test is bounded (pytest-timeout)
+
+
+def _build(root: Path, images: dict, masks: dict, instances: dict | None = None, name="r",
+           train_fraction="0.5", tile=None):
+    for sub in ("images", "masks", "instances"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for stem, image in images.items():
+        tifffile.imwrite(root / "images" / f"{stem}.tif", image)
+        imagecodecs.imwrite(str(root / "masks" / f"{stem}.png"), masks[stem])
+        if instances is not None:
+            tifffile.imwrite(root / "instances" / f"{stem}.tif", instances[stem])
+    argv = ["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
+            "--output_folder", str(root / "lmdb"), "--dataset_name", name, "--quiet", "--workers", "1",
+            "--train_fraction", train_fraction]
+    if instances is not None:
+        argv += ["--instance_folder", str(root / "instances")]
+    if tile:
+        argv += ["--use_tiling", "1", "--tile_size", str(tile)]
+    assert build_lmdb.main(argv) == 0
+    return root / "lmdb" / f"train-{name}.lmdb", root / "lmdb" / f"test-{name}.lmdb"
+
+
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory):
+    """22 train + 22 test records of 32x32, 3 classes, image = f(mask) + texture."""
+    root = tmp_path_factory.mktemp("reader")
+    rng = np.random.default_rng(0)
+    images, masks = {}, {}
+    for i in range(44):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[rng.integers(0, 16) :, rng.integers(0, 16) : 24] = 1
+        if i % 4 == 0:  # class 2 is rare: one image in four
+            mask[20:28, 2:10] = 2
+        images[f"s{i:02d}"] = (mask.astype(np.uint16) * 1000 + rng.integers(0, 50, (32, 32))).astype(np.uint16)
+        masks[f"s{i:02d}"] = mask
+    return _build(root, images, masks)
+
+
+def _hash(batch, row):
+    h = hashlib.sha1()
+    h.update(batch["image"][row].tobytes())
+    h.update(batch["semantic_mask"][row].tobytes())
+    return h.hexdigest()
+
+
+def _collect(config, batches):
+    out = []
+    with ImageReader(config) as reader:
+        for _ in range(batches):
+            batch = reader.next_batch()
+            out += [(int(batch["index"][r]), _hash(batch, r)) for r in range(len(batch["index"]))]
+    return out
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_test_pass_reads_every_record_once_in_order(small_db):
+    _, test = small_db
+    n = records.read_metadata(str(test)).record_count
+    config = ReaderConfig(str(test), batch_size=5, num_workers=3, mode="test")
+    with ImageReader(config) as reader:
+        passes = []
+        for _ in range(3):
+            batches = [(b["index"].copy(), b["image"].copy()) for b in reader]
+            assert [len(i) for i, _ in batches] == [5, 5, 5, 5, 2]  # last batch partial
+            passes.append(batches)
+    order = np.concatenate([i for i, _ in passes[0]])
+    np.testing.assert_array_equal(order, np.arange(n))
+    for other in passes[1:]:
+        for (i0, im0), (i1, im1) in zip(passes[0], other):
+            np.testing.assert_array_equal(i0, i1)
+            np.testing.assert_array_equal(im0, im1)
+
+
+def test_train_epochs_are_exact(small_db):
+    train, _ = small_db
+    n = records.read_metadata(str(train)).record_count
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, seed=3)  # 4 does not divide 22
+    indices = [i for i, _ in _collect(config, batches=math_ceil(3 * n, 4))][: 3 * n]
+    epochs = [indices[e * n : (e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert epochs[0] != epochs[1], "each epoch is shuffled anew"
+
+
+def math_ceil(a, b):
+    return -(-a // b)
+
+
+def test_same_seed_same_examples_with_1_or_3_workers_and_spawn(small_db):
+    train, _ = small_db
+    base = ReaderConfig(str(train), batch_size=4, num_workers=1, seed=11,
+                        augment=augment.AugmentConfig(noise=0.05, intensity=0.1, elastic_alpha=2.0))
+    one = _collect(base, 12)
+    three = _collect(ReaderConfig(**{**base.__dict__, "num_workers": 3}), 12)
+    spawned = _collect(ReaderConfig(**{**base.__dict__, "num_workers": 2, "start_method": "spawn"}), 12)
+    assert one == three == spawned
+    other_seed = _collect(ReaderConfig(**{**base.__dict__, "seed": 12}), 12)
+    assert one != other_seed
+    assert len({h for _, h in one}) == len(one), "no two examples are augmentation clones"
+
+
+def test_resume_continues_the_same_stream(small_db):
+    train, _ = small_db
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, seed=5,
+                          augment=augment.AugmentConfig())
+    full = _collect(config, 10)
+    with ImageReader(config) as reader:
+        for _ in range(4):
+            reader.next_batch()
+        position = reader.position
+    assert position == 16
+    resumed = _collect(ReaderConfig(**{**config.__dict__, "start_position": position}), 6)
+    assert resumed == full[16:]
+
+
+def test_shards_are_disjoint_and_cover(small_db):
+    _, test = small_db
+    n = records.read_metadata(str(test)).record_count
+    seen = []
+    for shard in range(3):
+        config = ReaderConfig(str(test), batch_size=4, mode="test", shard_index=shard, num_shards=3)
+        with ImageReader(config) as reader:
+            seen.append({int(i) for b in reader for i in b["index"]})
+    assert sum(len(s) for s in seen) == n
+    assert set().union(*seen) == set(range(n))
+
+
+def test_balanced_sampling_draws_each_class_about_equally(small_db):
+    train, _ = small_db
+    meta = records.read_metadata(str(train))
+    config = ReaderConfig(str(train), batch_size=8, num_workers=2, balance_classes=True, seed=1)
+    with ImageReader(config) as reader:
+        draws = [int(i) for _ in range(150) for i in reader.next_batch()["index"]]
+    rare = set(meta.class_records[2])
+    assert len(rare) < meta.record_count / 3
+    # a class is chosen uniformly, then a record holding it: a record holding the rare class is
+    # drawn with probability sum_c 1/K * |rare & R_c| / |R_c|
+    share_rare = sum(d in rare for d in draws) / len(draws)
+    groups = [set(r) for r in meta.class_records.values()]
+    expected = sum(len(rare & g) / len(g) for g in groups) / len(groups)
+    assert abs(share_rare - expected) < 0.05, (share_rare, expected)
+    shuffled = ReaderConfig(str(train), batch_size=8, num_workers=1, seed=1)
+    with ImageReader(shuffled) as reader:
+        plain = [int(i) for _ in range(150) for i in reader.next_batch()["index"]]
+    assert sum(d in rare for d in plain) / len(plain) < share_rare - 0.1
+
+
+# ---------------------------------------------------------------- augmentation through the reader
+
+
+@pytest.mark.parametrize("elastic", [0.0, 3.0])
+def test_augmented_masks_stay_aligned_and_keep_their_labels(small_db, elastic):
+    train, _ = small_db
+    config = ReaderConfig(str(train), batch_size=8, num_workers=2, seed=2,
+                          normalization=Normalization("none"),
+                          augment=augment.AugmentConfig(noise=0.0, blur_max_sigma=0.0, scale=0.2,
+                                                        elastic_alpha=elastic, crop_and_resize=0.2))
+    wrong = total = 0
+    with ImageReader(config) as reader:
+        for _ in range(10):
+            batch = reader.next_batch()
+            masks, images = batch["semantic_mask"], batch["image"][..., 0]
+            assert set(np.unique(masks)) <= {0, 1, 2}
+            # the image is mask * 1000 + texture < 50: inside a region, the warped image value must
+            # say the same class as the warped mask (bilinear mixing only at region borders)
+            interior = _interior(masks)
+            wrong += int((np.round(images[interior] / 1000) != masks[interior]).sum())
+            total += int(interior.sum())
+    assert total > 10000
+    # Bilinear (image) and nearest (labels) sampling legitimately disagree at a few region corners
+    # near the reflected border; a shift of one pixel or more would break thousands of pixels.
+    assert wrong <= total * 1e-3, (wrong, total)
+
+
+def _interior(masks):
+    """Pixels whose 3x3 neighbourhood has one label."""
+    from scipy import ndimage
+
+    out = np.zeros(masks.shape, bool)
+    for b, mask in enumerate(masks):
+        lo = ndimage.minimum_filter(mask, size=3)
+        hi = ndimage.maximum_filter(mask, size=3)
+        out[b] = lo == hi
+    return out
+
+
+def test_instances_boxes_match_warped_labels(tmp_path):
+    rng = np.random.default_rng(4)
+    images, masks, instances = {}, {}, {}
+    for i in range(6):
+        inst = np.zeros((48, 48), np.uint16)
+        inst[5:20, 5:25] = 1
+        inst[20:30, 5:25] = 2  # touches 1
+        inst[30:45, 30:46] = 3
+        sem = np.where(inst == 2, 2, (inst > 0).astype(np.uint8)).astype(np.uint8)
+        images[f"i{i}"] = (inst * 100 + rng.integers(0, 9, inst.shape)).astype(np.uint16)
+        masks[f"i{i}"], instances[f"i{i}"] = sem, inst
+    train, _ = _build(tmp_path, images, masks, instances)
+    config = ReaderConfig(str(train), batch_size=3, num_workers=2, max_instances=2,
+                          augment=augment.AugmentConfig(jitter=0.3))
+    with ImageReader(config) as reader:
+        for _ in range(8):
+            batch = reader.next_batch()
+            for row in range(3):
+                labels = batch["instance_labels"][row]
+                n = int(batch["num_instances"][row])
+                assert n <= 2 and labels.max() == n
+                for k in range(n):
+                    ys, xs = np.nonzero(labels == k + 1)
+                    np.testing.assert_array_equal(batch["boxes"][row, k],
+                                                  [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+                    cls = batch["box_classes"][row, k]
+                    assert np.all(batch["semantic_mask"][row][labels == k + 1] == cls)
+                assert np.all(batch["boxes"][row, n:] == 0)
+
+
+# ---------------------------------------------------------------- failures and cleanup
+
+
+def _children():
+    import multiprocessing
+
+    return multiprocessing.active_children()
+
+
+def _shm_entries():
+    return {p for p in os.listdir("/dev/shm") if p.startswith("enki-reader-")} if os.path.isdir("/dev/shm") else set()
+
+
+def test_worker_exception_reaches_consumer_with_traceback(small_db, monkeypatch):
+    train, _ = small_db
+
+    def boom(*args, **kwargs):
+        raise ValueError("boom in apply_image")
+
+    monkeypatch.setattr(augment, "apply_image", boom)  # inherited by the forked workers
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, augment=augment.AugmentConfig(),
+                          start_method="fork")
+    start = time.monotonic()
+    with pytest.raises(ReaderError) as info:
+        with ImageReader(config) as reader:
+            reader.next_batch()
+    assert time.monotonic() - start < 5
+    assert "boom in apply_image" in str(info.value) and "worker traceback" in str(info.value)
+    assert "_fill_row" in str(info.value)
+    assert not _children()
+
+
+def test_worker_killed_by_sigkill_is_reported(small_db):
+    train, _ = small_db
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, augment=augment.AugmentConfig())
+    with ImageReader(config) as reader:
+        reader.next_batch()
+        os.kill(reader._processes[1].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ReaderError, match="SIGKILL"):
+            for _ in range(1000):
+                reader.next_batch()
+        assert time.monotonic() - start < 5
+    assert not _children()
+
+
+def _corrupt(db: Path, index: int) -> Path:
+    env = lmdb.open(str(db), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        value = bytes(txn.get(records.record_key(index)))
+        txn.put(records.record_key(index), value[: len(value) // 2])
+    env.close()
+    return db
+
+
+def test_corrupt_record_names_its_key_or_is_skipped(small_db, tmp_path, caplog):
+    import shutil
+
+    _, test = small_db
+    copy = tmp_path / "copy.lmdb"
+    shutil.copytree(test, copy)
+    _corrupt(copy, 7)
+    with pytest.raises(ReaderError, match="record 00000007.*truncated|record 00000007.*past the end"):
+        with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="test", num_workers=2)) as reader:
+            list(reader)
+    caplog.set_level(logging.WARNING)
+    with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="test", skip_corrupt=True)) as reader:
+        indices = [int(i) for b in reader for i in b["index"]]
+    assert 7 not in indices and indices.count(8) == 2
+    assert any("00000007" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_consumer_exception_stops_workers_and_frees_memory(small_db):
+    train, _ = small_db
+    before = _shm_entries()
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, start_method="spawn")
+    with pytest.raises(KeyboardInterrupt):
+        with ImageReader(config) as reader:
+            reader.next_batch()
+            pids = [p.pid for p in reader._processes]
+            raise KeyboardInterrupt
+    assert not _children()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert _shm_entries() == before
+
+
+def test_hundred_start_stop_cycles_leave_nothing(small_db):
+    train, _ = small_db
+    before = _shm_entries()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in range(100):
+        config = ReaderConfig(str(train), batch_size=2, num_workers=2)
+        with ImageReader(config) as reader:
+            if i % 2:
+                reader.next_batch()
+    assert not _children()
+    assert _shm_entries() == before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+
+def _run_script(code: str, timeout: float = 60):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_process_that_forgets_close_still_exits(small_db):
+    train, _ = small_db
+    result = _run_script(f"""
+        from imagereader import ImageReader, ReaderConfig
+        reader = ImageReader(ReaderConfig({str(train)!r}, batch_size=2, num_workers=2)).start()
+        reader.next_batch()
+        print("done")
+    """, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "done" in result.stdout
+
+
+def test_importing_reader_or_augment_does_not_import_tensorflow():
+    result = _run_script("""
+        import sys, imagereader, augment, records, normalization
+        assert "tensorflow" not in sys.modules, "tensorflow imported"
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_starvation_messages(small_db, caplog):
+    train, _ = small_db
+    caplog.set_level(logging.WARNING, logger="imagereader")
+    config = ReaderConfig(str(train), batch_size=8, num_workers=1, slots_per_worker=4,
+                          augment=augment.AugmentConfig(elastic_alpha=3.0))
+    with ImageReader(config) as reader:
+        for _ in range(12):  # consume as fast as possible: the queue runs dry
+            reader.next_batch()
+        messages = [r.getMessage() for r in caplog.records]
+        assert STARVATION_MESSAGE in messages
+        deadline = time.monotonic() + 20
+        while STARVATION_OVER_MESSAGE not in [r.getMessage() for r in caplog.records]:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)  # a slow consumer lets the queue fill up again
+            reader.next_batch()
+        stats = reader.stats()
+        assert stats["starvation_events"] >= 1 and stats["wait_seconds"] > 0
+        assert "reader" in reader.suggestion()
+
+
+def test_config_errors(small_db, tmp_path):
+    train, _ = small_db
+    with pytest.raises(ValueError, match="mode"):
+        ReaderConfig(str(train), mode="eval")
+    with pytest.raises(ReaderError, match="not a multiple of the model's size multiple 64"):
+        ImageReader(ReaderConfig(str(train), size_multiple=64))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageReader(ReaderConfig(str(tmp_path / "nope.lmdb")))
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_real_nist_data_test_pass_and_determinism(tmp_path, nist_hes):
+    argv = ["--image_folder", str(nist_hes / "images"), "--mask_folder", str(nist_hes / "masks"),
+            "--output_folder", str(tmp_path), "--dataset_name", "hes", "--quiet", "--workers", "1"]
+    assert build_lmdb.main(argv) == 0
+    test = tmp_path / "test-hes.lmdb"
+    with ImageReader(ReaderConfig(str(test), batch_size=6, num_workers=2, mode="test")) as reader:
+        seen = [int(i) for b in reader for i in b["index"]]
+        assert seen == list(range(20))
+        batch = next(iter(reader))
+        image = batch["image"][0, ..., 0]
+        assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-3  # z-score
+    train = str(tmp_path / "train-hes.lmdb")
+    config = ReaderConfig(train, batch_size=4, num_workers=1, seed=7, augment=augment.AugmentConfig())
+    assert _collect(config, 6) == _collect(ReaderConfig(**{**config.__dict__, "num_workers": 2}), 6)
+    with ImageReader(config) as reader:
+        counts = Counter()
+        for _ in range(5):
+            counts.update(np.unique(reader.next_batch()["semantic_mask"]).tolist())
+    assert set(counts) <= {0, 1}
