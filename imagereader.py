@@ -4,7 +4,7 @@
     with ImageReader(ReaderConfig("train-hes.lmdb", batch_size=8, num_workers=2)) as reader:
         for batch in reader:          # train mode: an endless stream of exact epochs
             batch["image"]            # (B, H, W, C) float32, normalized
-            batch["semantic_mask"]    # (B, H, W) int32
+            batch["semantic_mask"]    # (B, H, W) uint8 (int32 if a class id is >= 256)
             batch["index"]            # (B,) int64 record indices
 
 How it works. Each worker opens the database itself (read-only, after it starts), decodes records
@@ -38,6 +38,7 @@ every worker. Importing this module does not import TensorFlow; ``as_tf_dataset`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -94,8 +95,8 @@ class ReaderConfig:
     max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
     skip_corrupt: replace a corrupt record by the next one with a warning instead of failing.
     copy: hand out copies instead of views that are only valid until the next batch is requested.
-    start_method: "fork", "spawn" or "forkserver"; None picks fork unless TensorFlow is already
-        imported in this process (forking a process with TensorFlow's threads running is unsafe).
+    start_method: "fork", "spawn" or "forkserver"; None picks forkserver (where available), since
+        forking a process whose OpenCV/TensorFlow thread pools have run can deadlock the child.
     stall_timeout: seconds without any batch from a live worker before ReaderError (a hung worker).
     """
 
@@ -262,9 +263,11 @@ class SharedSlots:
 def batch_layout(config: ReaderConfig, metadata: records.DatasetMetadata) -> dict:
     """Shapes (without the slot axis) and dtypes of every array of a batch."""
     b, h, w, c = config.batch_size, metadata.record_height, metadata.record_width, metadata.channels
+    # uint8 labels move a quarter of the bytes of int32; only a dataset with class ids >= 256 needs more
+    max_class = max([*metadata.class_ids, (metadata.number_classes or 1) - 1])
     layout = {
         "image": ((b, h, w, c), "float32"),
-        "semantic_mask": ((b, h, w), "int32"),
+        "semantic_mask": ((b, h, w), "uint8" if max_class < 256 else "int32"),
         "index": ((b,), "int64"),
     }
     if config.max_instances > 0:
@@ -408,10 +411,68 @@ def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn,
 # ----------------------------------------------------------------------------- the consumer
 
 
+def _tune_malloc() -> None:
+    """Undo the page-fault storm of TensorFlow's generator-dataset malloc setting (glibc only).
+
+    TF's generator dataset sets M_TRIM_THRESHOLD=128 KB, which also freezes glibc's mmap threshold
+    at 128 KB: every batch-sized array is then a fresh mmap, page-faulted in and unmapped again,
+    which made from_generator cost ~6 ms of CPU per 2.5 MB batch instead of ~1 ms (measured).
+    Allocations below 32 MB come from the heap again; up to 128 MB of free heap may be retained.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+
+_preload_requested = False
+
+
+@contextlib.contextmanager
+def _main_module_hidden(method: str):
+    """Keep spawn/forkserver children from re-running the user's main script.
+
+    multiprocessing re-imports ``__main__`` in every spawned child so that targets defined there can
+    be found. Reader workers need nothing from it (their target and arguments live in this module
+    and its imports), and the re-import would run the script's top-level imports (TensorFlow...) in
+    every worker, or fail for scripts without an ``if __name__ == "__main__"`` guard.
+    """
+    main = sys.modules.get("__main__")
+    if method == "fork" or main is None:
+        yield
+        return
+    saved = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        main.__spec__ = spec
+
+
 def _default_start_method() -> str:
-    if "tensorflow" in sys.modules:
-        return "forkserver"
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    """forkserver where it exists: workers fork from a clean server process.
+
+    Plain fork copies the parent's state, and a parent that has already run OpenCV's or
+    TensorFlow's thread pools hands its children locks whose owner threads do not exist there: a
+    forked worker then deadlocks in its first cv2 call (seen in this project's test suite).
+    """
+    global _preload_requested
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if not _preload_requested:
+        # the server imports this module (numpy, cv2, lmdb) once; each worker forks from it ready
+        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+        _preload_requested = True
+    return "forkserver"
 
 
 def _shutdown(processes, conns, slots) -> None:
@@ -506,7 +567,8 @@ class ImageReader:
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
                 proc = ctx.Process(target=_worker_main, name=f"imagereader-{worker_id}", daemon=True,
                                    args=(worker_id, cfg, self._slots, child_conn, self.plan))
-                proc.start()
+                with _main_module_hidden(method):
+                    proc.start()
                 child_conn.close()
                 self._processes.append(proc)
                 self._conns.append(parent_conn)
@@ -752,6 +814,7 @@ class ImageReader:
         import tensorflow as tf
 
         def generate():
+            _tune_malloc()
             for batch in self:
                 yield {name: np.array(array) for name, array in batch.items()}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -121,10 +122,23 @@ def test_same_seed_same_examples_with_1_or_3_workers_and_spawn(small_db):
     train, _ = small_db
     base = ReaderConfig(str(train), batch_size=4, num_workers=1, seed=11,
                         augment=augment.AugmentConfig(noise=0.05, intensity=0.1, elastic_alpha=2.0))
-    one = _collect(base, 12)
+    one = _collect(base, 12)  # default start method (forkserver)
     three = _collect(ReaderConfig(**{**base.__dict__, "num_workers": 3}), 12)
     spawned = _collect(ReaderConfig(**{**base.__dict__, "num_workers": 2, "start_method": "spawn"}), 12)
     assert one == three == spawned
+    # plain fork is only safe in a parent that has not run OpenCV's threads; check it in a clean one
+    forked = _run_script(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_imagereader import _collect
+        from imagereader import ReaderConfig
+        import augment
+        config = ReaderConfig({str(train)!r}, batch_size=4, num_workers=2, seed=11, start_method="fork",
+                              augment=augment.AugmentConfig(noise=0.05, intensity=0.1, elastic_alpha=2.0))
+        print(json.dumps(_collect(config, 12)))
+    """)
+    assert forked.returncode == 0, forked.stderr
+    assert [tuple(x) for x in json.loads(forked.stdout.strip().splitlines()[-1])] == one
     other_seed = _collect(ReaderConfig(**{**base.__dict__, "seed": 12}), 12)
     assert one != other_seed
     assert len({h for _, h in one}) == len(one), "no two examples are augmentation clones"
@@ -258,22 +272,19 @@ def _shm_entries():
     return {p for p in os.listdir("/dev/shm") if p.startswith("enki-reader-")} if os.path.isdir("/dev/shm") else set()
 
 
-def test_worker_exception_reaches_consumer_with_traceback(small_db, monkeypatch):
+def test_worker_exception_reaches_consumer_with_traceback(small_db):
     train, _ = small_db
-
-    def boom(*args, **kwargs):
-        raise ValueError("boom in apply_image")
-
-    monkeypatch.setattr(augment, "apply_image", boom)  # inherited by the forked workers
-    config = ReaderConfig(str(train), batch_size=4, num_workers=2, augment=augment.AugmentConfig(),
-                          start_method="fork")
+    # a 2-channel normalization on a 1-channel database raises inside the worker
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2,
+                          normalization=Normalization("dataset", [0.0, 0.0], [1.0, 1.0]))
     start = time.monotonic()
     with pytest.raises(ReaderError) as info:
         with ImageReader(config) as reader:
             reader.next_batch()
     assert time.monotonic() - start < 5
-    assert "boom in apply_image" in str(info.value) and "worker traceback" in str(info.value)
-    assert "_fill_row" in str(info.value)
+    message = str(info.value)
+    assert "dataset normalization has 2 channel(s), image has 1" in message
+    assert "worker traceback" in message and "_fill_row" in message
     assert not _children()
 
 
