@@ -375,6 +375,26 @@ def test_a_process_that_forgets_close_still_exits(small_db):
     assert "done" in result.stdout
 
 
+def test_script_without_main_guard_works_and_workers_skip_its_imports(small_db, tmp_path):
+    # spawn/forkserver children normally re-run the user's script; reader workers must not
+    train, _ = small_db
+    marker = tmp_path / "imported"
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        with open({str(marker)!r}, "a") as f:
+            f.write(str(os.getpid()) + "\\n")
+        from imagereader import ImageReader, ReaderConfig
+        with ImageReader(ReaderConfig({str(train)!r}, batch_size=2, num_workers=2)) as reader:
+            print(reader.next_batch()["image"].shape)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "(2, 32, 32, 1)" in result.stdout
+    assert len(marker.read_text().split()) == 1, "a worker re-ran the user's script"
+
+
 def test_importing_reader_or_augment_does_not_import_tensorflow():
     result = _run_script("""
         import sys, imagereader, augment, records, normalization
