@@ -504,3 +504,36 @@ def test_real_nist_data_tiled_round_trip(tmp_path, nist_hes):
             sources.add(src.image)
         total += len(examples)
     assert total == 400 and len(sources) == 100  # 4 distinct tiles per 256x256 image
+
+
+def test_map_grows_when_the_estimate_is_too_small(tmp_path, monkeypatch):
+    images, masks = write_pairs(tmp_path / "src", count=4, size=512)  # ~1.5 MB per split
+    grown = []
+    original = build_lmdb.LmdbWriter.flush
+
+    def tiny_start(self):
+        if not grown and self.map_size > (1 << 20):
+            self.map_size = 1 << 20  # 1 MB: too small for the split
+            self.env.set_mapsize(self.map_size)
+        before = self.map_size
+        original(self)
+        grown.append(self.map_size > before)
+
+    monkeypatch.setattr(build_lmdb.LmdbWriter, "flush", tiny_start)
+    rc, out = run_build(tmp_path, images, masks, "--train_fraction", "0.5")
+    assert rc == 0 and any(grown)
+    meta, examples = read_all(out / "train-ds.lmdb")
+    assert len(examples) == 2
+
+
+def test_jpg_and_png_images(tmp_path):
+    for ext in (".jpg", ".png"):
+        images, masks = write_pairs(tmp_path / ext[1:], count=3, size=32, dtype=np.uint8, channels=3,
+                                    image_ext=ext)
+        rc, out = run_build(tmp_path, images, masks, "--image_format", ext[1:], "--train_fraction", "0.67",
+                            out=tmp_path / f"out{ext}")
+        assert rc == 0
+        meta, examples = read_all(out / "train-ds.lmdb")
+        assert meta.channels == 3 and examples[0].image.dtype == np.uint8
+        if ext == ".png":  # lossless: pixel exact
+            np.testing.assert_array_equal(examples[0].image, image_io.read_image(images / meta.sources[0].image))
