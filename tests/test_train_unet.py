@@ -1,0 +1,209 @@
+"""train_unet.py end to end on tiny data: 2 logical CPU replicas, early stopping, exports, resume.
+
+Training runs happen in subprocesses (each needs its own TensorFlow device setup); this process
+imports TensorFlow once, for reloading the exports.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+import build_lmdb
+import train_common
+from conftest import ROOT
+
+pytestmark = pytest.mark.timeout(600)
+
+SMALL_MODEL = ["--model", "unet", "--depth", "2", "--base_filters", "8", "--dropout", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def blocks_db(tmp_path_factory):
+    """Learnable data: bright rectangles (class 1) on a dark textured background, 32x32."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(24):
+        mask = np.zeros((32, 32), np.uint8)
+        y, x = rng.integers(0, 16, 2)
+        mask[y : y + rng.integers(8, 16), x : x + rng.integers(8, 16)] = 1
+        image = (mask.astype(np.uint16) * 800 + 200 + rng.integers(0, 100, (32, 32))).astype(np.uint16)
+        tifffile.imwrite(root / "images" / f"b{i:02d}.tif", image)
+        imagecodecs.imwrite(str(root / "masks" / f"b{i:02d}.png"), mask)
+    assert build_lmdb.main(["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
+                            "--output_folder", str(root / "lmdb"), "--dataset_name", "b", "--quiet",
+                            "--workers", "1", "--train_fraction", "0.75"]) == 0
+    return root / "lmdb" / "train-b.lmdb", root / "lmdb" / "test-b.lmdb"
+
+
+def _cmd(train, test, out, *extra):
+    return [sys.executable, str(ROOT / "train_unet.py"), "--train_database", str(train), "--test_database",
+            str(test), "--output_dir", str(out), "--batch_size", "4", "--number_classes", "2",
+            "--cpu_replicas", "2", "--log_every", "5", *SMALL_MODEL, *extra]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _history(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_early_stopping_exports_and_reload(blocks_db, tmp_path):
+    train, test = blocks_db
+    out = tmp_path / "run"
+    result = _run(_cmd(train, test, out, "--learning_rate", "0.01", "--max_steps", "200",
+                       "--test_every_n_steps", "5", "--early_stopping", "2", "--monitor", "iou",
+                       "--use_augmentation", "0", "--warmup_steps", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("early stopping"), summary
+    assert summary["steps"] < 200
+    history = _history(out)
+    assert [int(r["step"]) for r in history] == list(range(5, summary["steps"] + 1, 5))
+    best = max(float(r["test_mean_iou"]) for r in history)
+    assert best > 0.9, f"the model should learn rectangles: best mean IoU {best}"
+    for name in ("config.json", "model.keras", "saved_model", "curves.png", "metrics.csv", "train.log",
+                 "tensorboard", "checkpoints", "best"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["replicas"] == 2
+    assert config["normalization"]["method"] == "zscore"
+    assert config["input"]["channels"] == 1 and config["classes"]["number_classes"] == 2
+    assert config["model"]["size_multiple"] == 4
+    assert "Input Queue Starvation" in result.stderr or "step 5" in result.stderr  # the console shows steps
+
+    import keras
+    import tensorflow as tf
+
+    from imagereader import ImageReader, ReaderConfig
+    from normalization import Normalization
+
+    with ImageReader(ReaderConfig(str(test), batch_size=6, mode="test",
+                                  normalization=Normalization.from_dict(config["normalization"]))) as reader:
+        batch = next(iter(reader))
+        images = np.array(batch["image"])
+    import models  # noqa: F401  (registers the model classes for loading)
+
+    model = keras.models.load_model(out / "model.keras")
+    keras_pred = model(images, training=False).numpy()
+    served = tf.saved_model.load(str(out / "saved_model"))
+    saved_pred = served.serve(tf.constant(images)).numpy()
+    np.testing.assert_allclose(keras_pred, saved_pred, rtol=1e-4, atol=1e-4)
+    best_iou_row = max(history, key=lambda r: float(r["test_mean_iou"]))
+    assert summary["best_step"] == int(best_iou_row["step"])
+
+
+def test_errors_before_work(blocks_db, tmp_path):
+    train, test = blocks_db
+    out = tmp_path / "err"
+    r = _run(_cmd(train, test, out, "--number_classes", "1", "--max_steps", "2"))
+    assert r.returncode == 2 and "class ids [0, 1] but --number_classes is 1" in r.stderr
+    r = _run(_cmd(tmp_path / "missing.lmdb", test, out, "--max_steps", "2"))
+    assert r.returncode == 2 and "missing.lmdb does not exist" in r.stderr
+    # a 3-channel test database against the 1-channel train database
+    src = tmp_path / "rgb"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    for i in range(3):
+        tifffile.imwrite(src / "images" / f"c{i}.tif", np.zeros((32, 32, 3), np.uint16), photometric="rgb")
+        imagecodecs.imwrite(str(src / "masks" / f"c{i}.png"), np.zeros((32, 32), np.uint8))
+    assert build_lmdb.main(["--image_folder", str(src / "images"), "--mask_folder", str(src / "masks"),
+                            "--output_folder", str(src / "lmdb"), "--quiet", "--train_fraction", "0.67"]) == 0
+    r = _run(_cmd(train, src / "lmdb" / "test-dataset.lmdb", out, "--max_steps", "2"))
+    assert r.returncode == 2 and "1 channel(s) of uint16" in r.stderr and "3 of uint16" in r.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_refuses_a_different_run_and_resumes_the_same(blocks_db, tmp_path):
+    train, test = blocks_db
+    out = tmp_path / "run"
+    base = _cmd(train, test, out, "--max_steps", "4", "--test_every_n_steps", "2", "--early_stopping", "0")
+    first = _run(base)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the finished run's folder is refused for a new, different run
+    different = _run(base[:-1] + ["4", "--learning_rate", "0.5"])
+    assert different.returncode == 2
+    assert "holds a different run" in different.stderr and "learning_rate" in different.stderr
+
+
+def _checkpoint_tensors(out: Path) -> dict:
+    import tensorflow as tf
+
+    state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
+    reader = tf.train.load_checkpoint(state["checkpoint"])
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(state["checkpoint"])
+            if "model" in name or "optimizer" in name}
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp_path):
+    train, test = blocks_db
+    extra = ["--max_steps", "30", "--test_every_n_steps", "5", "--early_stopping", "0", "--deterministic", "1",
+             "--learning_rate", "0.003", "--use_augmentation", "1", "--seed", "3"]
+    straight = tmp_path / "straight"
+    r = _run(_cmd(train, test, straight, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(_cmd(train, test, interrupted, *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (interrupted / "metrics.csv").exists() and len(_history(interrupted)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "run finished before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == train_common.PREEMPTED_EXIT_CODE, output[-3000:]
+    stopped_at = json.loads((interrupted / "checkpoints" / "trainer_state.json").read_text())["step"]
+    assert 10 <= stopped_at < 30
+    assert not (interrupted / "model.keras").exists()
+
+    resumed = _run(_cmd(train, test, interrupted, *extra))  # the same command continues the run
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stderr and f"at step {stopped_at}" in resumed.stderr
+
+    a, b = _history(straight), _history(interrupted)
+    assert [r["step"] for r in b] == [str(s) for s in range(5, 31, 5)], "a step was lost or repeated"
+    assert a == b, "the curves of the resumed run differ from the uninterrupted one"
+    state_a = json.loads((straight / "checkpoints" / "trainer_state.json").read_text())
+    state_b = json.loads((interrupted / "checkpoints" / "trainer_state.json").read_text())
+    assert state_a["early_stopping"] == state_b["early_stopping"] and state_a["step"] == state_b["step"] == 30
+    tensors_a, tensors_b = _checkpoint_tensors(straight), _checkpoint_tensors(interrupted)
+    assert tensors_a.keys() == tensors_b.keys() and len(tensors_a) > 10
+    for name in tensors_a:
+        np.testing.assert_array_equal(tensors_a[name], tensors_b[name], err_msg=name)
+
+
+def test_early_stopping_rule_and_schedules():
+    early = train_common.EarlyStopping(patience=2)
+    assert early.update(1.0, 1) and not early.update(0.99995, 2)  # within NIST's 1e-4 tolerance
+    assert not early.should_stop and not early.update(1.5, 3) and early.should_stop
+    maximize = train_common.EarlyStopping(patience=1, mode="max")
+    assert maximize.update(0.5, 1) and maximize.update(0.6, 2) and not maximize.update(0.6, 3)
+    assert maximize.should_stop and maximize.best_step == 2
+    lr = train_common.learning_rate_at
+    assert lr(0, 1.0, "constant", 10, None) == 0.1 and lr(10, 1.0, "constant", 10, None) == 1.0
+    assert lr(10, 1.0, "cosine", 10, 110) == 1.0 and abs(lr(110, 1.0, "cosine", 10, 110)) < 1e-12
+    assert lr(60, 1.0, "step", 0, 100) == pytest.approx(0.1) and lr(80, 1.0, "step", 0, 100) == pytest.approx(0.01)
+    assert lr(50, 1.0, "polynomial", 0, 100) == pytest.approx(0.5 ** 0.9)
