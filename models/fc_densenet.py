@@ -109,7 +109,10 @@ class FCDenseNet(InputSizeCheck, keras.Model):
         num_pools = len(layers) // 2
 
         def bn_relu_conv(x, filters, kernel_size, prefix):
-            x = keras.layers.BatchNormalization(name=f"{prefix}_bn")(x)
+            # synchronized: under MirroredStrategy, batch statistics are all-reduced, so every replica holds
+            # the same moving statistics (a checkpoint then restores them exactly; small per-GPU batches
+            # get statistics of the global batch). Without a strategy it is plain batch norm.
+            x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn")(x)
             x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
             x = keras.layers.Conv2D(filters, kernel_size, padding="same", kernel_initializer=_INITIALIZER,
                                     name=f"{prefix}_conv")(x)

@@ -55,8 +55,11 @@ class UNet(InputSizeCheck, keras.Model):
                 # NIST's order: the ReLU sits inside the convolution and batch norm follows it
                 x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
                                         name=f"{prefix}_conv{i}")(x)
+                # synchronized: under MirroredStrategy, batch statistics are all-reduced, so every replica holds
+                # the same moving statistics (a checkpoint then restores them exactly; small per-GPU batches
+                # get statistics of the global batch). Without a strategy it is plain batch norm.
                 if batch_norm:
-                    x = keras.layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+                    x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn{i}")(x)
             return x
 
         def maybe_dropout(x, prefix):
@@ -78,7 +81,7 @@ class UNet(InputSizeCheck, keras.Model):
             x = keras.layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same",
                                              name=f"{prefix}_upconv")(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(name=f"{prefix}_upconv_bn")(x)
+                x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_upconv_bn")(x)
             x = keras.layers.Concatenate(name=f"{prefix}_concat")([skips[level], x])
             x = conv_block(x, base_filters * 2**level, prefix)
         # float32 even under mixed precision: softmax/cross-entropy on float16 logits loses precision
