@@ -1,6 +1,7 @@
 #!/bin/bash
 # Usage: ./demo.sh   — sets up .venv, then runs the main job on locally generated demo data:
-#   generate synthetic microscopy images -> build the train/test LMDBs -> print the summary.
+#   generate synthetic microscopy images -> build the train/test LMDBs -> train a small UNet briefly
+#   -> show where the outputs are.
 # Everything goes to ./demo_run (deleted and rebuilt on each run).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,8 +12,17 @@ python demo_data.py --output_folder demo_run/data --count 24 --height 512 --widt
 python build_lmdb.py --image_folder demo_run/data/images --mask_folder demo_run/data/masks \
     --instance_folder demo_run/data/instances --output_folder demo_run/lmdb --dataset_name demo \
     --image_format tif --use_tiling 1 --tile_size 256 --number_classes 3 --seed 0
+# a small UNet for a short CPU run (the full NIST UNet is --depth 4 --base_filters 64)
+python train_unet.py --train_database demo_run/lmdb/train-demo.lmdb \
+    --test_database demo_run/lmdb/test-demo.lmdb --output_dir demo_run/unet \
+    --number_classes 3 --batch_size 4 --learning_rate 3e-3 --test_every_n_steps 20 --max_steps 60 \
+    --early_stopping 5 --reader_count 1 --depth 3 --base_filters 8 --dropout 0.0 --seed 0
 echo
 echo "Outputs:"
-echo "  demo data        demo_run/data/{images,masks,instances,coco.json}"
-echo "  databases        demo_run/lmdb/train-demo.lmdb, demo_run/lmdb/test-demo.lmdb"
-echo "  manifest         demo_run/lmdb/manifest-demo.csv"
+echo "  demo data          demo_run/data/{images,masks,instances,coco.json}"
+echo "  databases          demo_run/lmdb/train-demo.lmdb, demo_run/lmdb/test-demo.lmdb"
+echo "  manifest           demo_run/lmdb/manifest-demo.csv"
+echo "  training curves    demo_run/unet/curves.png   (numbers: demo_run/unet/metrics.csv)"
+echo "  TensorBoard        tensorboard --logdir demo_run/unet/tensorboard"
+echo "  exported model     demo_run/unet/model.keras, demo_run/unet/saved_model/, demo_run/unet/config.json"
+echo "  run summary        demo_run/unet/summary.json"

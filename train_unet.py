@@ -562,6 +562,8 @@ _RESUME_IGNORED = ("max_steps", "log_every", "cpu_replicas", "reader_count", "te
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "tensorflow"):  # per-step INFO chatter of tf.distribute and checkpointing
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
     trainer = None
     try:

@@ -207,3 +207,22 @@ def test_early_stopping_rule_and_schedules():
     assert lr(10, 1.0, "cosine", 10, 110) == 1.0 and abs(lr(110, 1.0, "cosine", 10, 110)) < 1e-12
     assert lr(60, 1.0, "step", 0, 100) == pytest.approx(0.1) and lr(80, 1.0, "step", 0, 100) == pytest.approx(0.01)
     assert lr(50, 1.0, "polynomial", 0, 100) == pytest.approx(0.5 ** 0.9)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    src = tmp_path / "huge"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        # finite but enormous float32 pixels: with --normalization none the first conv overflows
+        tifffile.imwrite(src / "images" / f"h{i}.tif", (rng.random((32, 32)) * 3e38).astype(np.float32))
+        imagecodecs.imwrite(str(src / "masks" / f"h{i}.png"), (rng.random((32, 32)) > 0.5).astype(np.uint8))
+    assert build_lmdb.main(["--image_folder", str(src / "images"), "--mask_folder", str(src / "masks"),
+                            "--output_folder", str(src / "lmdb"), "--quiet", "--train_fraction", "0.5"]) == 0
+    out = tmp_path / "nan"
+    r = _run(_cmd(src / "lmdb" / "train-dataset.lmdb", src / "lmdb" / "test-dataset.lmdb", out,
+                  "--normalization", "none", "--max_steps", "5", "--use_augmentation", "0"))
+    assert r.returncode == train_common.NAN_EXIT_CODE, r.stderr[-2000:]
+    assert "loss is nan" in r.stderr.lower() or "loss is inf" in r.stderr.lower()
+    assert not (out / "model.keras").exists()
