@@ -532,7 +532,7 @@ class ImageReader:
         self._conns: list = []
         self._slots: SharedSlots | None = None
         self._finalizer = None
-        self._ready: dict[int, tuple[int, int]] = {}
+        self._ready: dict[int, tuple[int, int, int]] = {}  # seq -> (worker, slot, rows)
         self._held: tuple[int, int] | None = None  # (worker, slot) handed to the consumer
         self._next_seq = 0
         self._pass_remaining = 0
@@ -625,12 +625,14 @@ class ImageReader:
         self._release_held()
         seq = self._next_seq
         if seq in self._ready:
-            self._pump(timeout=0.0, seq=seq)  # drain what else is ready, for the depth reading
+            self._pump(timeout=0.0)  # drain what else is ready, for the depth reading
             depth = len(self._ready)  # counting the batch about to be handed out
         else:
             started = time.perf_counter()
             while seq not in self._ready:
-                self._pump(timeout=1.0, seq=seq)
+                self._pump(timeout=1.0)
+                if time.perf_counter() - started > self.config.stall_timeout:
+                    self._raise_stalled(seq)
             self._wait_seconds += time.perf_counter() - started
             depth = 0  # the consumer found the queue empty
         self._watch_starvation(depth)
@@ -652,7 +654,7 @@ class ImageReader:
             except (OSError, ValueError):
                 pass  # a dead worker is reported by _pump
 
-    def _pump(self, timeout: float, seq: int) -> None:
+    def _pump(self, timeout: float) -> None:
         """Receive every pending message; raise ReaderError for failed or dead workers."""
         waitables = list(self._conns) + [p.sentinel for p in self._processes]
         ready = connection.wait(waitables, timeout)
@@ -664,8 +666,6 @@ class ImageReader:
             if proc.sentinel in ready or not proc.is_alive():
                 self._drain(worker)  # an error message sent just before exiting comes first
                 raise ReaderError(self._death_message(worker, proc))
-        if not ready and timeout > 0:
-            self._check_stall(seq, timeout)
 
     def _drain(self, worker: int) -> None:
         conn = self._conns[worker]
@@ -685,10 +685,8 @@ class ImageReader:
                     message = conn.recv()
                 except EOFError:
                     raise ReaderError(self._death_message(worker, proc)) from None
-                if message[0] == "error":
-                    self._handle(worker, message)
-                if message[0] == "warning":
-                    self._handle(worker, message)
+                if message[0] in ("error", "warning"):
+                    self._handle(worker, message)  # an error raises here
                     continue
                 return message
             if proc.sentinel in ready:
@@ -724,16 +722,13 @@ class ImageReader:
         self.close()
         return f"reader worker {worker} (pid {pid}) {reason}; the reader has been stopped"
 
-    def _check_stall(self, seq: int, waited: float) -> None:
-        self._stall = getattr(self, "_stall", 0.0) + waited
-        if self._stall >= self.config.stall_timeout:
-            worker = seq % self.config.num_workers
-            self.close()
-            raise ReaderError(f"no batch from reader worker {worker} for {self.config.stall_timeout:.0f} s "
-                              "although it is alive; is the database on a hung file system?")
+    def _raise_stalled(self, seq: int) -> None:
+        worker = seq % self.config.num_workers
+        self.close()
+        raise ReaderError(f"no batch from reader worker {worker} for {self.config.stall_timeout:.0f} s "
+                          "although it is alive; is the database on a hung file system?")
 
     def _watch_starvation(self, depth: int) -> None:
-        self._stall = 0.0
         if self._batches < self.capacity:
             return  # warm-up: the queue starts empty by construction
         if not self._starving and depth < STARVATION_LOW * self.capacity:

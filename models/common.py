@@ -6,6 +6,12 @@ before it builds anything.
 from __future__ import annotations
 
 
+
+# Keras' default 0.99 averages the batch statistics over ~100 steps; early in training, or with a
+# test interval every few dozen steps as on small microscopy sets, the moving statistics then lag the
+# weights and test predictions swing from interval to interval. 0.9 (PyTorch's default) tracks them.
+BN_MOMENTUM = 0.9
+
 def check_input_size(height: int | None, width: int | None, size_multiple: int) -> None:
     """Raise ValueError unless ``height`` and ``width`` are multiples of ``size_multiple``.
 

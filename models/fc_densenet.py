@@ -14,7 +14,7 @@ from typing import Sequence
 
 import keras
 
-from .common import InputSizeCheck
+from .common import BN_MOMENTUM, InputSizeCheck
 
 #: The paper's three networks: (layers per block, down path + bottleneck + up path), growth rate.
 CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
@@ -112,7 +112,7 @@ class FCDenseNet(InputSizeCheck, keras.Model):
             # synchronized: under MirroredStrategy, batch statistics are all-reduced, so every replica holds
             # the same moving statistics (a checkpoint then restores them exactly; small per-GPU batches
             # get statistics of the global batch). Without a strategy it is plain batch norm.
-            x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn")(x)
+            x = keras.layers.BatchNormalization(synchronized=True, momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
             x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
             x = keras.layers.Conv2D(filters, kernel_size, padding="same", kernel_initializer=_INITIALIZER,
                                     name=f"{prefix}_conv")(x)

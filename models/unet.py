@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from .common import InputSizeCheck
+from .common import BN_MOMENTUM, InputSizeCheck
 
 
 @keras.saving.register_keras_serializable(package="enki")
@@ -59,7 +59,7 @@ class UNet(InputSizeCheck, keras.Model):
                 # the same moving statistics (a checkpoint then restores them exactly; small per-GPU batches
                 # get statistics of the global batch). Without a strategy it is plain batch norm.
                 if batch_norm:
-                    x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_bn{i}")(x)
+                    x = keras.layers.BatchNormalization(synchronized=True, momentum=BN_MOMENTUM, name=f"{prefix}_bn{i}")(x)
             return x
 
         def maybe_dropout(x, prefix):
@@ -81,7 +81,7 @@ class UNet(InputSizeCheck, keras.Model):
             x = keras.layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same",
                                              name=f"{prefix}_upconv")(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(synchronized=True, name=f"{prefix}_upconv_bn")(x)
+                x = keras.layers.BatchNormalization(synchronized=True, momentum=BN_MOMENTUM, name=f"{prefix}_upconv_bn")(x)
             x = keras.layers.Concatenate(name=f"{prefix}_concat")([skips[level], x])
             x = conv_block(x, base_filters * 2**level, prefix)
         # float32 even under mixed precision: softmax/cross-entropy on float16 logits loses precision

@@ -302,6 +302,20 @@ def test_worker_killed_by_sigkill_is_reported(small_db):
     assert not _children()
 
 
+def test_hung_worker_is_reported_after_stall_timeout(small_db):
+    train, _ = small_db
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2, stall_timeout=2.0)
+    with ImageReader(config) as reader:
+        reader.next_batch()
+        os.kill(reader._processes[1].pid, signal.SIGSTOP)  # alive but never answers
+        start = time.monotonic()
+        with pytest.raises(ReaderError, match="no batch from reader worker 1 for 2 s although it is alive"):
+            for _ in range(1000):
+                reader.next_batch()
+        assert time.monotonic() - start < 10
+    assert not _children()
+
+
 def _corrupt(db: Path, index: int) -> Path:
     env = lmdb.open(str(db), map_size=1 << 30)
     with env.begin(write=True) as txn:

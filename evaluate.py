@@ -1,0 +1,85 @@
+"""Scores a folder of predicted label masks against ground-truth masks (matched by file stem).
+
+    python evaluate.py --prediction_folder preds --mask_folder masks --number_classes 2
+
+Writes ``metrics.json``, ``metrics.csv`` and ``metrics_per_image.csv`` to ``--output_folder``
+(default: the prediction folder) and prints the table: per-class precision, recall, F1, IoU and Dice
+with micro/macro/weighted averages over all pixels of all images (``metrics.py``), the same code
+and files as ``inference.py --mask_folder``. No TensorFlow is imported.
+
+Exit codes: 0 every prediction scored; 1 some could not be (a missing mask, a size mismatch, a label
+outside [0, number_classes), an unreadable file: each reported in one line, the rest scored);
+2 nothing scored (bad folders, no prediction with a mask).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import image_io
+import metrics as seg_metrics
+from inference import Evaluation
+
+logger = logging.getLogger("evaluate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate", description="Score predicted masks against ground truth.")
+    p.add_argument("--prediction_folder", required=True, help="predicted label masks (tif/png), one per image")
+    p.add_argument("--mask_folder", required=True, help="ground-truth masks, matched by file stem")
+    p.add_argument("--number_classes", type=int, required=True, help="classes including background")
+    p.add_argument("--class_names", nargs="+", help="one name per class (default class_0 ...)")
+    p.add_argument("--output_folder", help="where the metrics files go (default: --prediction_folder)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        if args.number_classes < 1:
+            raise image_io.InputError(f"--number_classes must be >= 1, got {args.number_classes}")
+        if args.class_names is not None and len(args.class_names) != args.number_classes:
+            raise image_io.InputError(f"--class_names has {len(args.class_names)} names for "
+                                      f"--number_classes {args.number_classes}")
+        predictions = image_io.index_by_stem(args.prediction_folder, "prediction")
+        masks = image_io.index_by_stem(args.mask_folder, "mask")
+        if not predictions:
+            raise image_io.InputError(f"no prediction images in {args.prediction_folder}")
+        output = Path(args.output_folder or args.prediction_folder)
+        output.mkdir(parents=True, exist_ok=True)
+    except (image_io.InputError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    evaluation = Evaluation(args.number_classes, args.class_names)
+    failures = []
+    for stem, path in sorted(predictions.items()):
+        try:
+            if stem not in masks:
+                raise image_io.InputError(f"{path}: no mask named {stem}.* in {args.mask_folder}")
+            truth = image_io.read_labels(masks[stem], "mask")
+            prediction = image_io.read_labels(path, "prediction")
+            try:
+                evaluation.add(path.name, truth, prediction)
+            except ValueError as exc:
+                raise image_io.InputError(f"{path}: mask {masks[stem]}: {exc}") from None
+        except image_io.InputError as exc:
+            logger.error("skipped: %s", exc)
+            failures.append(str(exc))
+    if not evaluation.rows:
+        logger.error("no prediction could be scored")
+        return 2
+    scores = evaluation.write(output)
+    print(seg_metrics.format_table(scores), flush=True)
+    logger.info("%d prediction(s) scored: %s, %s", len(evaluation.rows), output / "metrics.json",
+                output / "metrics.csv")
+    if failures:
+        logger.error("%d of %d prediction(s) could not be scored", len(failures), len(predictions))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
