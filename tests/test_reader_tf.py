@@ -17,15 +17,6 @@ def tf():
     return pytest.importorskip("tensorflow")
 
 
-def _two_cpu_replicas(tf):
-    cpus = tf.config.list_physical_devices("CPU")
-    try:
-        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-    except RuntimeError:
-        pass  # already initialized by an earlier test in this process
-    return [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-
-
 @pytest.fixture(scope="module")
 def databases(tmp_path_factory):
     from conftest import write_pairs
@@ -43,7 +34,6 @@ def databases(tmp_path_factory):
 def test_tf_dataset_matches_direct_reader(databases, tf):
     from imagereader import ImageReader, ReaderConfig
 
-    _two_cpu_replicas(tf)
     _, test = databases
     config = ReaderConfig(test, batch_size=2, num_workers=2, mode="test")
     with ImageReader(config) as direct:
@@ -61,39 +51,58 @@ def test_tf_dataset_matches_direct_reader(databases, tf):
                     np.testing.assert_array_equal(g[key], e[key])
 
 
-def test_mirrored_strategy_distributes_reader_batches(databases, tf):
-    from imagereader import ImageReader, ReaderConfig
+MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from imagereader import ImageReader, ReaderConfig
 
-    devices = _two_cpu_replicas(tf)
-    strategy = tf.distribute.MirroredStrategy(devices)
-    assert strategy.num_replicas_in_sync == 2
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
+assert strategy.num_replicas_in_sync == 2
+readers = []
+
+def dataset_fn(input_context):
+    per_replica = input_context.get_per_replica_batch_size(4)
+    reader = ImageReader(ReaderConfig(sys.argv[1], batch_size=per_replica, num_workers=1, seed=0,
+                                      shard_index=input_context.input_pipeline_id,
+                                      num_shards=input_context.num_input_pipelines))
+    readers.append(reader)
+    return reader.start().as_tf_dataset()
+
+dist = strategy.distribute_datasets_from_function(dataset_fn)
+
+@tf.function
+def step(batch):
+    def replica_fn(b):
+        return tf.shape(b["image"])[0], tf.reduce_sum(tf.cast(b["index"] >= 0, tf.int32))
+    sizes, valid = strategy.run(replica_fn, args=(batch,))
+    return (strategy.reduce(tf.distribute.ReduceOp.SUM, sizes, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, valid, axis=None))
+
+iterator = iter(dist)
+for _ in range(3):
+    total, valid = step(next(iterator))
+    assert int(total) == 4 and int(valid) == 4, (int(total), int(valid))  # 2 per replica x 2 replicas
+del iterator, dist
+for reader in readers:
+    reader.close()
+print("mirrored ok")
+"""
+
+
+def test_mirrored_strategy_distributes_reader_batches(databases, tmp_path):
+    # its own process: logical devices can only be configured before TensorFlow initializes, and
+    # other test files in this session may already have initialized it with one CPU
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
     train, _ = databases
-    readers = []
-
-    def dataset_fn(input_context):
-        per_replica = input_context.get_per_replica_batch_size(4)
-        reader = ImageReader(ReaderConfig(train, batch_size=per_replica, num_workers=1, seed=0,
-                                          shard_index=input_context.input_pipeline_id,
-                                          num_shards=input_context.num_input_pipelines))
-        readers.append(reader)
-        return reader.start().as_tf_dataset()
-
-    try:
-        dist = strategy.distribute_datasets_from_function(dataset_fn)
-
-        @tf.function
-        def step(batch):
-            def replica_fn(b):
-                return tf.shape(b["image"])[0], tf.reduce_sum(tf.cast(b["index"] >= 0, tf.int32))
-
-            sizes, valid = strategy.run(replica_fn, args=(batch,))
-            return (strategy.reduce(tf.distribute.ReduceOp.SUM, sizes, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.SUM, valid, axis=None))
-
-        iterator = iter(dist)
-        for _ in range(3):
-            total, valid = step(next(iterator))
-            assert int(total) == 4 and int(valid) == 4  # global batch = 2 per replica x 2 replicas
-    finally:
-        for reader in readers:
-            reader.close()
+    result = subprocess.run([sys.executable, str(script), train], capture_output=True, text=True, timeout=240,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mirrored ok" in result.stdout
