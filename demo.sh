@@ -1,7 +1,7 @@
 #!/bin/bash
 # Usage: ./demo.sh   — sets up .venv, then runs the main job on locally generated demo data:
 #   generate synthetic microscopy images -> build the train/test LMDBs -> train a small UNet briefly
-#   -> show where the outputs are.
+#   -> segment the images with it and score them against their masks -> show where the outputs are.
 # Everything goes to ./demo_run (deleted and rebuilt on each run).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,6 +17,9 @@ python train_unet.py --train_database demo_run/lmdb/train-demo.lmdb \
     --test_database demo_run/lmdb/test-demo.lmdb --output_dir demo_run/unet \
     --number_classes 3 --batch_size 4 --learning_rate 3e-3 --test_every_n_steps 20 --max_steps 60 \
     --early_stopping 5 --reader_count 1 --depth 3 --base_filters 8 --dropout 0.0 --seed 0
+# whole 512x512 images, tiled as in training (256) with overlap; all 24 images, train and test split alike
+python inference.py --model demo_run/unet --image_folder demo_run/data/images --image_format tif \
+    --mask_folder demo_run/data/masks --output_folder demo_run/inference --save_overlay 1
 echo
 echo "Outputs:"
 echo "  demo data          demo_run/data/{images,masks,instances,coco.json}"
@@ -26,3 +29,6 @@ echo "  training curves    demo_run/unet/curves.png   (numbers: demo_run/unet/me
 echo "  TensorBoard        tensorboard --logdir demo_run/unet/tensorboard"
 echo "  exported model     demo_run/unet/model.keras, demo_run/unet/saved_model/, demo_run/unet/config.json"
 echo "  run summary        demo_run/unet/summary.json"
+echo "  predicted masks    demo_run/inference/*.tif   (uint8 labels, named like the images)"
+echo "  overlays           demo_run/inference/overlays/*.png"
+echo "  inference metrics  demo_run/inference/metrics.json, metrics.csv, metrics_per_image.csv"

@@ -30,21 +30,24 @@ border, where the border tile is the only choice. The margin is the model's rece
 radius, measured once at start: a pixel of a random input is perturbed at every alignment modulo
 the size multiple and the farthest logit that changes gives the radius (a depth-2 UNet: 23 px,
 depth 3: 51 px; exact, so tiled and whole-image logits agree within float rounding wherever the
-normalization does not depend on the window, which is tested). The radius is capped at a quarter
-of the tile (stride >= tile / 2, at most ~4x the work of non-overlapping tiles); beyond the cap a
-deep UNet's far field changes logits by well under 0.1%. ``--margin`` overrides the measurement.
-Tile starts step by ``tile - 2 * margin`` (rounded down to the size multiple); images whose sides
-are not multiples of the size multiple, or that are smaller than a tile, are padded by reflection
-(``np.pad`` ``reflect``) and cropped back.
+normalization does not depend on the window, which is tested). The radius is capped at a quarter of
+the tile (stride >= tile / 2, at most ~4x the work of non-overlapping tiles): NIST's UNet (depth 4)
+reaches 102 px, but a pixel more than 64 px away moves a logit by < 1e-5 of a near pixel's effect
+(measured on random weights). ``--margin`` overrides the measurement. Tile starts step by
+``tile - 2 * margin`` (rounded down to the size multiple); images whose sides are not multiples of
+the size multiple, or that are smaller than a tile, are padded by reflection (``np.pad`` "reflect")
+and cropped back.
 
-Memory. An image is held once as read; tiles are cut from it (reflection done by index, no padded
-copy), normalized into one float32 batch (``--batch_size`` tiles) while the model runs the previous
-one, and only the running label image (uint8 for < 256 classes) is kept for the whole image. Logits
-of all classes are never materialized for a whole image; probabilities go, tile by tile, into a
-memory-mapped float16 TIFF whose written pages are flushed and dropped from memory after each row of
-tiles. A 10,000 x 10,000 uint16 image runs on a CPU with a peak RSS under 2 GB
-(``bench/inference_bench.py``). Overlays of images larger than 4096 px a side are subsampled to at
-most 4096 px (a preview; masks keep full resolution). Evaluation counts pixels in row chunks.
+Memory. The image being segmented is held as read (and the next one, read ahead in a thread); tiles
+are cut from it (reflection by index, no padded copy), normalized into one float32 batch
+(``--batch_size`` tiles) while the model runs the previous one, and only the running label image
+(uint8 for < 256 classes) is kept for the whole image. Logits of all classes are never materialized
+for a whole image; probabilities go, tile by tile, into a memory-mapped float16 TIFF whose written
+pages are flushed and dropped from memory after each row of tiles. A 10,000 x 10,000 uint16 image
+with every output on peaks at 1.3 GB RSS on a CPU (``bench/inference_bench.py``). Overlays of images
+larger than 2048 px a side are subsampled by an integer step to at most 2048 px (a preview; masks
+keep full resolution; ``train_common.overlay`` needs ~60 bytes per overlay pixel). Evaluation counts
+pixels in row chunks.
 
 Files are written under a hidden temporary name and renamed when complete, so a killed run never
 leaves a mask that looks finished; leftovers of killed runs are removed at the next start.
@@ -81,7 +84,7 @@ from normalization import Normalization
 logger = logging.getLogger("inference")
 
 #: Overlays are a preview: images larger than this (pixels a side) are subsampled to fit.
-OVERLAY_MAX_SIDE = 4096
+OVERLAY_MAX_SIDE = 2048
 #: Evaluation counts at most this many pixels at a time (int64 pair codes: 8 bytes each).
 EVAL_CHUNK_PIXELS = 1 << 22
 #: Above this many bytes a TIFF is written as BigTIFF (classic TIFF offsets are 32-bit).
@@ -257,12 +260,16 @@ class Segmenter:
         batch_size: tiles per model call.
         margin: pixels kept away from tile edges; None measures the receptive field (capped at a
             quarter of the tile).
+
+    Attributes: ``tile_size``, ``margin``, ``stride`` (pixels between tile starts), ``size_multiple``,
+    ``receptive_radius`` (measured radius in pixels, cap + 1 when it exceeds the cap, None when
+    ``margin`` was given), ``label_dtype``.
     """
 
     def __init__(self, run: RunInfo, tile_size: int | None = None, batch_size: int = 4,
                  margin: int | None = None):
         self.run = run
-        tile = tile_size or run.tile_size
+        tile = run.tile_size if tile_size is None else tile_size
         if tile is None:
             raise InferenceError(f"{run.folder / 'config.json'} records no tile size (records of several "
                                  "sizes); pass --tile_size")
@@ -512,6 +519,12 @@ def list_inputs(image_folder: Path, image_format: str, output_folder: Path) -> l
     if not kept:
         raise InferenceError(f"every .{image_format} file in {image_folder} lies in the output folder "
                              f"{output_folder}; choose another --output_folder")
+    stems: dict[str, Path] = {}
+    for p in kept:  # outputs are named by stem: a.tif and a.tiff would write the same mask
+        if p.stem in stems:
+            raise InferenceError(f"{image_folder} has two images named {p.stem!r} ({stems[p.stem].name} and "
+                                 f"{p.name}); their outputs would collide — rename one")
+        stems[p.stem] = p
     return kept
 
 

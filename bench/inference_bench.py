@@ -10,8 +10,8 @@ depend on what a model has learned) is saved as a run folder. Then:
    resident memory is the child's ``ru_maxrss`` from ``os.wait4`` (= VmHWM, page cache not counted).
    About 2,300 tiles of 256: a few minutes on 2 CPU cores.
 2. In this process, tiles/s of ``Segmenter.segment`` on a ``--small_side`` image (normalization,
-   reflection, batching, stitching; no file I/O) against the model alone called on the same number
-   of ready-made batches of the same shape (best of 3 each, interleaved).
+   reflection, batching, stitching; no file I/O) against the model alone called on the same
+   normalized batches, made beforehand (best of 3 each, interleaved).
 
 Last line: one JSON object (``peak_rss_gb_10k``, ``tiled_vs_model_throughput``, ...).
 """
@@ -90,10 +90,8 @@ def throughput(run: Path, side: int, batch_size: int, repeats: int = 3) -> dict:
     segmenter = inference.Segmenter(inference.load_run_info(run), batch_size=batch_size)
     image = synthetic_image(side, side, seed=1)[:, :, None]
     tiles = segmenter.plan(side, side)
-    shape = (tiles[0].height, tiles[0].width)
-    rng = np.random.default_rng(0)
-    batches = [rng.normal(size=(min(batch_size, len(tiles) - i), *shape, 1)).astype(np.float32)
-               for i in range(0, len(tiles), batch_size)]
+    # the very batches segment() feeds the model, made beforehand: the model alone sees identical input
+    batches = [batch.copy() for _, batch in segmenter._normalized_batches(image, tiles)]
     segmenter.segment(image)  # trace and warm up
     segmenter.predict_tiles(batches[0], "labels")
     tiled_best = model_best = float("inf")
@@ -143,7 +141,7 @@ def main(argv=None) -> int:
             assert tif.series[0].shape == (args.side, args.side) and tif.series[0].dtype == np.uint8
         print(f"{args.side}x{args.side} uint16, all outputs: peak RSS {peak_gb:.2f} GB, {seconds:.0f} s "
               f"(process start, TF import and model load included)")
-        sizes = {p.name: p.stat().st_size for p in (work / "out").rglob("*") if p.is_file()}
+        sizes = {str(p.relative_to(work / "out")): p.stat().st_size for p in (work / "out").rglob("*") if p.is_file()}
         print("outputs:", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items())))
 
         speed = throughput(run, args.small_side, args.batch_size)

@@ -176,6 +176,21 @@ def test_probe_channels_reads_headers(tmp_path):
             assert image_io.read_image(tmp_path / name).shape[2] == channels
 
 
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.tif"
+    with pytest.raises(RuntimeError):
+        with inference._Atomic(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    inference.write_labels(target, np.ones((4, 5), np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
+    (tmp_path / ".b.tmp-999.tif").write_bytes(b"left by a killed run")
+    (tmp_path / ".keep.txt").write_text("not ours")
+    assert inference.remove_leftovers(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.txt", "a.tif"]
+
+
 def test_run_info_from_folder_model_file_or_config(runs):
     for path in (runs["zscore"], runs["zscore"] / "model.keras", runs["zscore"] / "config.json"):
         info = inference.load_run_info(path)
@@ -246,13 +261,12 @@ def test_probabilities_are_softmax_of_stitched_logits(segmenters):
     np.testing.assert_array_equal(labels, logits.argmax(-1))
 
 
-@pytest.mark.timeout(300)
 def test_one_tile_image_reproduces_the_trainers_test_prediction(runs, tmp_path):
     """A test-database record saved as an image file: inference == model on the reader's test batch."""
     import tensorflow as tf
 
-    from imagereader import ImageReader, ReaderConfig
     import records
+    from imagereader import ImageReader, ReaderConfig
 
     images, masks = write_pairs(tmp_path / "src", count=5, size=128, classes=NUM_CLASSES, seed=4)
     for path in sorted(images.iterdir()):  # structured content instead of pure noise
@@ -342,7 +356,7 @@ def test_cli_writes_masks_overlays_probabilities_and_metrics(runs, folder, caplo
     expected = evaluation.total.result()
     written = seg_metrics.read_json(out / "metrics.json")
     np.testing.assert_array_equal(written.confusion, expected.confusion)
-    assert written.confusion.sum() == sum(64 * 64 + 101 * 150 + 40 * 30 + 200 * 260 for _ in [0])
+    assert written.confusion.sum() == 64 * 64 + 101 * 150 + 40 * 30 + 200 * 260
     data = json.loads((out / "metrics.json").read_text())
     assert data["class_names"] == ["background", "cell", "edge"]
     assert data["foreground_iou"] == pytest.approx(expected.foreground_iou)
@@ -433,6 +447,14 @@ def test_bad_arguments_exit_2_before_any_work(runs, folder, tmp_path, caplog):
                         "--output_folder", str(folder / "images"))
     assert code == 2 and "would overwrite the inputs" in message
 
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("a.tif", "a.tiff"):
+        tifffile.imwrite(twins / name, np.zeros((8, 8), np.uint16))
+    code, message = run("--model", str(runs["zscore"]), "--image_folder", str(twins), "--output_folder",
+                        str(tmp_path / "o6"))
+    assert code == 2 and "two images named 'a'" in message
+
     code, message = run("--model", str(runs["zscore"]), "--image_folder", str(folder / "images"),
                         "--output_folder", str(tmp_path / "o5"), "--tile_size", "30")
     assert code == 2 and "not a multiple of the model's size multiple 4" in message
@@ -471,9 +493,9 @@ def test_nist_build_train_infer_end_to_end(nist_hes, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train_unet.py"), "--train_database", str(tmp_path / "lmdb" / "train-hes.lmdb"),
          "--test_database", str(tmp_path / "lmdb" / "test-hes.lmdb"), "--output_dir", str(run), "--batch_size", "8",
-         "--number_classes", "2", "--learning_rate", "3e-3", "--max_steps", "150", "--test_every_n_steps", "50",
+         "--number_classes", "2", "--learning_rate", "3e-3", "--max_steps", "80", "--test_every_n_steps", "40",
          "--early_stopping", "0", "--depth", "3", "--base_filters", "8", "--dropout", "0.0", "--seed", "0",
-         "--warmup_steps", "10", "--log_every", "50"],
+         "--warmup_steps", "10", "--log_every", "40"],
         capture_output=True, text=True, timeout=500, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "lmdb" / "manifest-hes.csv") as handle:
@@ -488,7 +510,7 @@ def test_nist_build_train_infer_end_to_end(nist_hes, tmp_path):
                            "--mask_folder", str(nist_hes / "masks"), "--save_overlay", "1"]) == 0
     scores = json.loads((out / "metrics.json").read_text())
     assert sum(map(sum, scores["confusion_matrix"])) == 20 * 256 * 256
-    # measured 0.00 on this machine; the floor leaves room for TensorFlow/thread-order differences
-    print("foreground IoU", scores["foreground_iou"])
-    assert scores["foreground_iou"] > 0.0, scores
+    # measured 0.739 (three runs, identical; 0.803 after 150 steps); the floor leaves room for other
+    # CPUs' float rounding and thread order, and still fails a broken normalization or stitching
+    assert scores["foreground_iou"] > 0.65, scores["foreground_iou"]
     assert len(list((out / "overlays").glob("*.png"))) == 20
