@@ -493,7 +493,7 @@ def test_nist_build_train_infer_end_to_end(nist_hes, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train_unet.py"), "--train_database", str(tmp_path / "lmdb" / "train-hes.lmdb"),
          "--test_database", str(tmp_path / "lmdb" / "test-hes.lmdb"), "--output_dir", str(run), "--batch_size", "8",
-         "--number_classes", "2", "--learning_rate", "3e-3", "--max_steps", "80", "--test_every_n_steps", "40",
+         "--number_classes", "2", "--learning_rate", "3e-3", "--max_steps", "150", "--test_every_n_steps", "50",
          "--early_stopping", "0", "--depth", "3", "--base_filters", "8", "--dropout", "0.0", "--seed", "0",
          "--warmup_steps", "10", "--log_every", "40"],
         capture_output=True, text=True, timeout=500, cwd=ROOT)
@@ -510,7 +510,7 @@ def test_nist_build_train_infer_end_to_end(nist_hes, tmp_path):
                            "--mask_folder", str(nist_hes / "masks"), "--save_overlay", "1"]) == 0
     scores = json.loads((out / "metrics.json").read_text())
     assert sum(map(sum, scores["confusion_matrix"])) == 20 * 256 * 256
-    # measured 0.739 (three runs, identical; 0.803 after 150 steps); the floor leaves room for other
-    # CPUs' float rounding and thread order, and still fails a broken normalization or stitching
-    assert scores["foreground_iou"] > 0.65, scores["foreground_iou"]
+    # measured 0.803 after 150 steps (0.739 after 80); the floor is the one pinned for the trainer
+    # (tests/test_train_unet.py) and leaves room for other CPUs' float rounding and thread order
+    assert scores["foreground_iou"] >= 0.70, scores["foreground_iou"]
     assert len(list((out / "overlays").glob("*.png"))) == 20
