@@ -32,7 +32,7 @@ import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -416,14 +416,6 @@ class ChannelStats:
             "min": self.min.tolist() if self.count else [],
             "max": self.max.tolist() if self.count else [],
         }
-
-
-def merge_into(target: Mapping, update: Mapping) -> dict:
-    """Return a copy of ``target`` with ``update`` added per key (for class histograms)."""
-    out = dict(target)
-    for k, v in update.items():
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 class Database:

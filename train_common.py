@@ -17,7 +17,6 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,6 +367,3 @@ def log_to_file(folder: RunFolder) -> logging.Handler:
     logging.getLogger().addHandler(handler)
     return handler
 
-
-def now() -> float:
-    return time.perf_counter()
