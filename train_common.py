@@ -169,17 +169,23 @@ class EarlyStopping:
 
 def learning_rate_at(step: int, base: float, schedule: str, warmup_steps: int, max_steps: int | None,
                      decay_steps: list[int] | None = None, decay_factor: float = 0.1,
-                     poly_power: float = 0.9) -> float:
+                     poly_power: float = 0.9, decay_levels: list[float] | None = None) -> float:
     """Learning rate for ``step`` (0-based).
 
     Warm-up is NIST's: a tenth of the learning rate for the first ``warmup_steps`` steps. After it:
     constant; cosine (to 0 at max_steps); step (times decay_factor at each of decay_steps, default
-    half and three quarters of max_steps); polynomial ((1 - t)^poly_power, as TAO/NVIDIA UNet).
+    half and three quarters of max_steps; or TAO's learning_rate_steps/learning_rate_decay_levels: from
+    decay_steps[i] on, base * decay_levels[i]); polynomial ((1 - t)^poly_power, as TAO/NVIDIA UNet).
     """
     if step < warmup_steps:
         return base * 0.1
     if schedule == "constant":
         return base
+    if schedule == "step" and decay_steps:
+        passed = sum(step >= s for s in decay_steps)
+        if passed == 0:
+            return base
+        return base * (decay_levels[passed - 1] if decay_levels else decay_factor ** passed)
     if max_steps is None:
         raise TrainError(f"--lr_schedule {schedule} needs --max_steps")
     span = max(1, max_steps - warmup_steps)
@@ -189,7 +195,7 @@ def learning_rate_at(step: int, base: float, schedule: str, warmup_steps: int, m
     if schedule == "polynomial":
         return base * (1 - t) ** poly_power
     if schedule == "step":
-        steps = decay_steps or [max_steps // 2, (3 * max_steps) // 4]
+        steps = [max_steps // 2, (3 * max_steps) // 4]
         return base * decay_factor ** sum(step >= s for s in steps)
     raise TrainError(f"unknown --lr_schedule {schedule!r}")
 
@@ -221,6 +227,7 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
     starvation_events: int = 0
     elapsed_seconds: float = 0.0
+    topology: dict = field(default_factory=dict)  # workers, replicas, global batch size of the run
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=1))
