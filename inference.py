@@ -12,6 +12,12 @@ zlib-compressed TIFF, or ``--output_format png``), with ``--save_overlay 1`` ``O
 stem) ``OUT/metrics.json``, ``OUT/metrics.csv`` (per class precision/recall/F1/IoU/Dice and
 micro/macro/weighted averages over all pixels of all images) and ``OUT/metrics_per_image.csv``.
 
+Runs of Mask R-CNN (config.json ``"model": {"name": "maskrcnn", ...}``) go to instance_inference.py:
+tiled detection merged across tiles, ``OUT/a.tif`` instance labels, ``OUT/detections.json`` (COCO
+results), overlays of instance outlines, and with ``--mask_folder`` of instance labels (plus
+``--class_folder`` of semantic masks when there are several object classes) COCO box/mask AP in
+``OUT/metrics.json``; ``--score_threshold`` and ``--overlap`` tune it.
+
 Normalization. NIST's inference z-scored each whole image, while training z-scored each tile: a
 model then sees statistics at inference it never saw in training. Here the recorded method is
 applied to every model input tile exactly as the reader applies it to a record in training
@@ -248,6 +254,31 @@ def read_window(image: np.ndarray, y: int, x: int, height: int, width: int) -> n
     return image[np.ix_(ys, xs)]
 
 
+def normalized_batches(image: np.ndarray, tiles: list[Tile], normalize, batch_size: int):
+    """Yield (tiles, (B, h, w, C) float32 batch) of ``image``, preparing the next batch while the caller runs one.
+
+    ``normalize(raw_tile, out=float32 array)`` fills ``out`` (``Normalization.apply``): each tile is
+    normalized on its own window, as the reader normalizes a record in training. All tiles of a
+    group must have one size (those of :func:`plan_tiles` do).
+    """
+    groups = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+
+    def prepare(group):
+        batch = np.empty((len(group), group[0].height, group[0].width, image.shape[2]), np.float32)
+        for j, tile in enumerate(group):
+            # the reader's exact operation on a record: copy the raw tile to float32, normalize
+            normalize(read_window(image, tile.y, tile.x, tile.height, tile.width), out=batch[j])
+        return batch
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tiles") as pool:
+        pending = pool.submit(prepare, groups[0])
+        for i, group in enumerate(groups):
+            batch = pending.result()
+            if i + 1 < len(groups):
+                pending = pool.submit(prepare, groups[i + 1])
+            yield group, batch
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -369,23 +400,8 @@ class Segmenter:
         return plan_tiles(padded_h, padded_w, self.tile_size, self.margin, self.size_multiple)
 
     def _normalized_batches(self, image: np.ndarray, tiles: list[Tile]):
-        """Yield (tiles, (B, h, w, C) float32 batch), preparing the next batch while the caller runs one."""
-        groups = [tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
-
-        def prepare(group):
-            batch = np.empty((len(group), group[0].height, group[0].width, image.shape[2]), np.float32)
-            for j, tile in enumerate(group):
-                # the reader's exact operation on a record: copy the raw tile to float32, normalize
-                self.normalization.apply(read_window(image, tile.y, tile.x, tile.height, tile.width), out=batch[j])
-            return batch
-
-        with ThreadPoolExecutor(1, thread_name_prefix="tiles") as pool:
-            pending = pool.submit(prepare, groups[0])
-            for i, group in enumerate(groups):
-                batch = pending.result()
-                if i + 1 < len(groups):
-                    pending = pool.submit(prepare, groups[i + 1])
-                yield group, batch
+        """:func:`normalized_batches` with this run's normalization and batch size."""
+        return normalized_batches(image, tiles, self.normalization.apply, self.batch_size)
 
     def _run(self, image: np.ndarray, kind: str, progress=None):
         """Yield (tile, kept outputs cropped to the image) for every tile of ``image``."""
@@ -433,8 +449,11 @@ class Segmenter:
         return out
 
 
-def _load_model(run: RunInfo):
-    """The run's model.keras; ``import models`` first registers the model classes with Keras."""
+def _load_model(run: RunInfo, check_outputs: bool = True):
+    """The run's model.keras; ``import models`` first registers the model classes with Keras.
+
+    ``check_outputs`` compares a segmenter's output channels with the run's class count.
+    """
     import models  # noqa: F401  (registers UNet / FCDenseNet for deserialization)
     import keras
 
@@ -443,7 +462,7 @@ def _load_model(run: RunInfo):
     except Exception as exc:  # Keras raises many types for corrupt or foreign files
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InferenceError(f"cannot load {run.model_path}: {detail}") from None
-    outputs = model.output_shape[-1]
+    outputs = model.output_shape[-1] if check_outputs else run.num_classes
     if outputs != run.num_classes:
         raise InferenceError(f"{run.model_path} has {outputs} outputs but config.json says "
                              f"{run.num_classes} classes; the run folder is inconsistent")
@@ -699,6 +718,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_probabilities", type=int, choices=(0, 1), default=0,
                    help="OUT/probabilities/NAME.tif: float16 softmax, one page per class")
     p.add_argument("--output_format", choices=("tif", "png"), default="tif", help="label mask format (tif)")
+    instances = p.add_argument_group("maskrcnn runs (instance_inference.py)")
+    instances.add_argument("--score_threshold", type=float, help="ignore detections scoring below it (default 0.5)")
+    instances.add_argument("--overlap", type=int,
+                           help="pixels shared by neighbouring tiles, at least the largest object (default tile/4)")
+    instances.add_argument("--class_folder",
+                           help="semantic masks matched by stem giving each --mask_folder instance its class "
+                                "(needed with more than one object class)")
     return p.parse_args(argv)
 
 
@@ -711,11 +737,20 @@ class Job:
     output: Path
     masks: dict[str, Path] | None
     failures: list[str] = field(default_factory=list)
+    class_masks: dict[str, Path] | None = None
 
 
 def prepare(args: argparse.Namespace) -> Job:
     """Every check that needs no model: run folder, folders, file list, channels, label format."""
     run = load_run_info(args.model)
+    instances = run.model_name == "maskrcnn"
+    if instances:
+        import instance_inference
+
+        instance_inference.check_arguments(run, args)
+    elif args.score_threshold is not None or args.overlap is not None or args.class_folder:
+        raise InferenceError(f"--score_threshold, --overlap and --class_folder are for maskrcnn runs; "
+                             f"{run.folder} is a {run.model_name} run — drop them")
     image_folder, output = Path(args.image_folder), Path(args.output_folder)
     if image_folder.is_dir() and output.resolve() == image_folder.resolve():
         raise InferenceError(f"--output_folder {output} is the image folder; masks would overwrite the inputs — "
@@ -723,10 +758,11 @@ def prepare(args: argparse.Namespace) -> Job:
     try:
         files = list_inputs(image_folder, args.image_format, output)
         masks = image_io.index_by_stem(args.mask_folder, "mask") if args.mask_folder else None
+        class_masks = image_io.index_by_stem(args.class_folder, "class mask") if args.class_folder else None
     except image_io.InputError as exc:
         raise InferenceError(str(exc)) from None
     check_channels(files, run.channels, f"the model in {run.folder}")
-    if args.output_format == "png" and run.label_dtype.itemsize > 2:
+    if args.output_format == "png" and not instances and run.label_dtype.itemsize > 2:
         raise InferenceError(f"{run.num_classes} classes do not fit a PNG mask (16 bits at most); "
                              "use --output_format tif")
     try:
@@ -741,7 +777,7 @@ def prepare(args: argparse.Namespace) -> Job:
     for folder in (output, output / "overlays", output / "probabilities"):
         if (count := remove_leftovers(folder)):
             logger.info("removed %d incomplete file(s) of an interrupted run from %s", count, folder)
-    return Job(run=run, files=files, output=output, masks=masks)
+    return Job(run=run, files=files, output=output, masks=masks, class_masks=class_masks)
 
 
 def _progress(total: int, unit: str, **kwargs):
@@ -750,16 +786,17 @@ def _progress(total: int, unit: str, **kwargs):
     return tqdm(total=total, unit=unit, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
-def segment_folder(job: Job, segmenter: Segmenter, args: argparse.Namespace) -> int:
-    """Segment, write and evaluate every file of ``job``; returns the exit code (0, or 1 on failures)."""
+def process_images(job: Job, args: argparse.Namespace, handle) -> int:
+    """Call ``handle(path, image)`` on every file of ``job`` (read ahead, channels checked); returns the count done.
+
+    A file that cannot be read or handled (InputError, OSError, MemoryError) is reported in one
+    line naming it, added to ``job.failures`` and skipped.
+    """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    run, output = job.run, job.output
-    evaluation = Evaluation(run.num_classes, run.class_names) if job.masks is not None else None
-    unmatched: list[str] = []
+    run = job.run
     warned_dtypes: set[str] = set()
     done = 0
-    started = time.perf_counter()
     with logging_redirect_tqdm(), _progress(len(job.files), "image") as bar:
         for path, image in _read_ahead(job.files):
             bar.set_postfix_str(path.name)
@@ -774,7 +811,7 @@ def segment_folder(job: Job, segmenter: Segmenter, args: argparse.Namespace) -> 
                     logger.warning("%s is %s but the model was trained on %s images; results depend on the "
                                    "normalization (%s) making them comparable", path.name, image.dtype.name,
                                    run.input_dtype, run.normalization.method)
-                _segment_one(path, image, segmenter, args, output, evaluation, job.masks, unmatched)
+                handle(path, image)
                 done += 1
             except (image_io.InputError, OSError, MemoryError) as exc:
                 detail = str(exc) or type(exc).__name__
@@ -785,11 +822,36 @@ def segment_folder(job: Job, segmenter: Segmenter, args: argparse.Namespace) -> 
             finally:
                 image = None
                 bar.update(1)
+    return done
+
+
+def finish(job: Job, done: int, seconds: float) -> int:
+    """Log the throughput and the failures of a folder; returns the exit code (0, or 1 on failures)."""
+    logger.info("%d images in %.1f s (%.2f images/s)", done, seconds, done / max(seconds, 1e-9))
+    if job.failures:
+        logger.error("%d of %d image(s) failed:\n  %s", len(job.failures), len(job.files), "\n  ".join(job.failures))
+        return 1
+    return 0
+
+
+def warn_unmatched(unmatched: list[str], mask_folder) -> None:
+    """Warn about the images that were not evaluated because ``mask_folder`` has no mask for them."""
+    if unmatched:
+        logger.warning("%d image(s) have no mask in %s and were not evaluated: %s", len(unmatched),
+                       mask_folder, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""))
+
+
+def segment_folder(job: Job, segmenter: Segmenter, args: argparse.Namespace) -> int:
+    """Segment, write and evaluate every file of ``job``; returns the exit code (0, or 1 on failures)."""
+    output = job.output
+    evaluation = Evaluation(job.run.num_classes, job.run.class_names) if job.masks is not None else None
+    unmatched: list[str] = []
+    started = time.perf_counter()
+    done = process_images(job, args, lambda path, image: _segment_one(path, image, segmenter, args, output,
+                                                                       evaluation, job.masks, unmatched))
     seconds = time.perf_counter() - started
     if evaluation is not None:
-        if unmatched:
-            logger.warning("%d image(s) have no mask in %s and were not evaluated: %s", len(unmatched),
-                           args.mask_folder, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""))
+        warn_unmatched(unmatched, args.mask_folder)
         if evaluation.rows:
             scores = evaluation.write(output)
             print(seg_metrics.format_table(scores), flush=True)
@@ -797,11 +859,7 @@ def segment_folder(job: Job, segmenter: Segmenter, args: argparse.Namespace) -> 
                         output / "metrics.csv", output / "metrics_per_image.csv")
         else:
             logger.warning("no image was evaluated: no prediction had a mask in %s", args.mask_folder)
-    logger.info("%d images in %.1f s (%.2f images/s)", done, seconds, done / max(seconds, 1e-9))
-    if job.failures:
-        logger.error("%d of %d image(s) failed:\n  %s", len(job.failures), len(job.files), "\n  ".join(job.failures))
-        return 1
-    return 0
+    return finish(job, done, seconds)
 
 
 def _segment_one(path: Path, image: np.ndarray, segmenter: Segmenter, args, output: Path,
@@ -849,6 +907,13 @@ def main(argv=None) -> int:
         logger.info("%d image(s) from %s; model %s (%s, %d classes, %d channel(s), %s normalization)",
                     len(job.files), args.image_folder, job.run.model_path, job.run.model_name,
                     job.run.num_classes, job.run.channels, job.run.normalization.method)
+        if job.run.model_name == "maskrcnn":
+            import instance_inference
+
+            detector = instance_inference.load_detector(job.run, args)
+            logger.info("tiles of %d px, overlap %d px, %d tiles per batch, score threshold %.2f", detector.tile_size,
+                        detector.overlap, detector.batch_size, detector.score_threshold)
+            return instance_inference.detect_folder(job, detector, args)
         segmenter = Segmenter(job.run, tile_size=args.tile_size, batch_size=args.batch_size, margin=args.margin)
         logger.info("tiles of %d px, stride %d px, margin %d px, %d tiles per batch", segmenter.tile_size,
                     segmenter.stride, segmenter.margin, segmenter.batch_size)

@@ -316,7 +316,8 @@ class MetricsLog:
         except ImportError:  # plots are a convenience; metrics.csv has the numbers
             return
         steps = [row["step"] for row in history]
-        metric_keys = [k for k in ("test_mean_iou", "test_foreground_iou", "test_macro_dice")
+        metric_keys = [k for k in ("test_mean_iou", "test_foreground_iou", "test_macro_dice", "test_mask_AP",
+                                   "test_mask_AP50", "test_box_AP", "test_box_AP50")
                        if k in history[0]]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for key in ("train_loss", "test_loss"):

@@ -16,11 +16,9 @@ stops the run with code 3, keeping the last good checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -158,26 +156,9 @@ class UNetTrainer(trainer.Trainer):
         return {"loss": loss, "monitor": {"loss": loss, "iou": scores.mean_iou, "dice": macro_dice},
                 "row": row, "overlays": overlays}
 
-    def run_config_json(self) -> dict:
-        """config.json: everything inference needs to rebuild and run the model."""
-        config, meta = self.config, self.train_meta
-        return {
-            "train": dataclasses.asdict(config),
-            "model": {"name": config.model, "config": self.model.get_config(),
-                      "size_multiple": self.size_multiple},
-            "classes": {"number_classes": config.number_classes,
-                        "names": {str(k): v for k, v in meta.class_names.items()}},
-            "input": {"channels": meta.channels, "dtype": meta.image_dtype, "tile_size": meta.tile_size,
-                      "record_height": meta.record_height, "record_width": meta.record_width},
-            "normalization": self.normalization.to_dict(),
-            "augmentation": (config.augment_config().to_dict() if config.use_augmentation else None),
-            "data": {"train_database": str(Path(config.train_database).resolve()),
-                     "test_database": str(Path(config.test_database).resolve()),
-                     "train_records": meta.record_count, "test_records": self.test_meta.record_count},
-            "replicas": self.replicas,
-            "workers": self.cluster.num_workers,
-            "versions": common.versions(),
-        }
+    @property
+    def model_name(self) -> str:
+        return self.config.model
 
 
 def main(argv=None) -> int:

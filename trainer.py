@@ -328,9 +328,30 @@ class Trainer:
         "row": {column: float} (metrics.csv / TensorBoard, "test_" prefixed), "overlays": [HxWx3 uint8]}."""
         raise NotImplementedError
 
-    def run_config_json(self) -> dict:
-        """hook: config.json, everything inference needs to rebuild and run the model."""
+    @property
+    def model_name(self) -> str:
+        """hook: the model's name in config.json (inference dispatches on it)."""
         raise NotImplementedError
+
+    def run_config_json(self) -> dict:
+        """config.json: everything inference needs to rebuild and run the model."""
+        config, meta = self.config, self.train_meta
+        return {
+            "train": dataclasses.asdict(config),
+            "model": {"name": self.model_name, "config": self.model.get_config(), "size_multiple": self.size_multiple},
+            "classes": {"number_classes": config.number_classes,
+                        "names": {str(k): v for k, v in meta.class_names.items()}},
+            "input": {"channels": meta.channels, "dtype": meta.image_dtype, "tile_size": meta.tile_size,
+                      "record_height": meta.record_height, "record_width": meta.record_width},
+            "normalization": self.normalization.to_dict(),
+            "augmentation": (config.augment_config().to_dict() if config.use_augmentation else None),
+            "data": {"train_database": str(Path(config.train_database).resolve()),
+                     "test_database": str(Path(config.test_database).resolve()),
+                     "train_records": meta.record_count, "test_records": self.test_meta.record_count},
+            "replicas": self.replicas,
+            "workers": self.cluster.num_workers,
+            "versions": common.versions(),
+        }
 
     # -- setup
 
@@ -457,15 +478,15 @@ class Trainer:
 
         @tf.function
         def agree(values):
-            # every worker's values -> their maximum on every worker (one tiny all-reduce)
+            # every worker's values -> their mean on every worker (one tiny all-reduce; MAX does not exist)
             per_replica = strategy.run(lambda: tf.identity(values))
-            return strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
         self.distributed_train = distributed_train
         self._agree = agree
 
-    def agree_max(self, *values: float) -> list[float]:
-        """The maximum of each value over all workers (identity with one worker)."""
+    def agree_mean(self, *values: float) -> list[float]:
+        """The mean of each value over all workers, the same on every worker (identity with one worker)."""
         if not self.cluster.multi_worker:
             return [float(v) for v in values]
         return [float(v) for v in self._agree(self.tf.constant(values, self.tf.float32)).numpy()]
@@ -524,7 +545,7 @@ class Trainer:
                                        f"{cfg.early_stopping} intervals")
                         break
                 # a signal may reach only some workers: all stop together or none does
-                if self.agree_max(float(guard.triggered))[0] > 0:
+                if self.agree_mean(float(guard.triggered))[0] > 0:
                     self._save_checkpoint(started)
                     logger.warning("checkpoint written at step %d; exiting with code %d so the job can be "
                                    "requeued and resumed", state.step, common.PREEMPTED_EXIT_CODE)
@@ -543,8 +564,7 @@ class Trainer:
         value = result["monitor"][cfg.monitor]
         # every worker must take the same decisions; the values are equal up to float noise
         if self.cluster.multi_worker:
-            sign = 1.0 if self.early.mode == "max" else -1.0
-            value = sign * self.agree_max(sign * float(value) if math.isfinite(value) else -math.inf)[0]
+            value = self.agree_mean(float(value))[0]  # NaN anywhere -> NaN everywhere: not an improvement
         improved = self.early.update(float(value), state.step)
         row = {"step": state.step, "interval": state.interval,
                "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
@@ -589,13 +609,15 @@ class Trainer:
             self.best_checkpoint.restore(self.best_manager.latest_checkpoint).expect_partial()
         if self.cluster.is_chief:
             common.export_model(self.model, self.folder)
+        fingerprint = weights_fingerprint(self.model)
+        logger.info("model weights fingerprint %s (equal on every worker of a run)", fingerprint)
         seconds = time.perf_counter() - started
         best_row = next((r for r in self.state.history if r["step"] == self.early.best_step), None)
         summary = {"stop_reason": stop_reason, "steps": self.state.step, "intervals": self.state.interval,
                    "best_step": self.early.best_step, f"best_test_{self.config.monitor}": self.early.best,
                    "best_interval": best_row, "seconds": round(seconds, 1),
                    "starvation_events": self.state.starvation_events, "workers": self.cluster.num_workers,
-                   "replicas": self.replicas,
+                   "replicas": self.replicas, "weights_fingerprint": fingerprint,
                    "exports": {"keras": str(self.folder.keras_model), "saved_model": str(self.folder.saved_model)}}
         if self.cluster.is_chief:
             common.atomic_write_text(self.folder.summary, json.dumps(summary, indent=1))
@@ -616,6 +638,16 @@ class Trainer:
         self.readers = []
         for temp in self._temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def weights_fingerprint(model) -> str:
+    """sha1 over all weights (in order): the same on every worker when they stayed in sync."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight.numpy(), np.float32)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_main(trainer_class, config, args, name: str) -> int:
