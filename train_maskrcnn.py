@@ -136,11 +136,18 @@ class MaskRCNNTrainer(trainer.Trainer):
         if self.config.gradient_clip_norm > 0:
             self.optimizer.global_clipnorm = self.config.gradient_clip_norm
 
-        @tf.function
+        # one trace for full and partial test batches alike (a Mask R-CNN graph takes seconds to trace)
+        meta, m = self.test_meta, self.config.max_num_instances
+        image = tf.TensorSpec((None, meta.record_height, meta.record_width, meta.channels), tf.float32)
+        signature = [image, tf.TensorSpec((None, m, 4), tf.float32), tf.TensorSpec((None, m), tf.int32),
+                     tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None, meta.record_height, meta.record_width),
+                                                                   tf.int32)]
+
+        @tf.function(input_signature=[image])
         def detect(images):
             return model(images, training=False)
 
-        @tf.function
+        @tf.function(input_signature=signature)
         def test_losses(images, boxes, classes, counts, labels):
             return model.compute_losses(images, boxes, classes, counts, labels, training=False)["total"]
 

@@ -385,8 +385,7 @@ class Trainer:
         self.state = common.TrainerState(early_stopping=dataclasses.asdict(self._new_early_stopping()))
         if self.resume:
             self._restore()
-        self.state.topology = {"workers": self.cluster.num_workers, "replicas": self.replicas,
-                               "global_batch_size": self.global_batch}
+        self.state.topology = self._topology()
         self.early = common.EarlyStopping(**self.state.early_stopping)
         self._build_steps()
         self._build_data()
@@ -412,10 +411,10 @@ class Trainer:
             raise TrainError(f"checkpoint {state.checkpoint} is at step {int(self.step_var.numpy())} "
                              f"but {self.folder.state} says {state.step}")
         before = state.topology or {}
-        now = {"workers": self.cluster.num_workers, "replicas": self.replicas, "global_batch_size": self.global_batch}
+        now = self._topology()
         if before and before != now:
             logger.warning(
-                "resuming with %d worker(s) x %d replica(s) (global batch %d) instead of %d x %d (global batch %d): "
+                "resuming with %d worker(s) x %d replica(s) each (global batch %d) instead of %d x %d (global batch %d): "
                 "model, optimizer and step continue exactly, but each worker reads a different shard from here on, "
                 "so the examples seen differ from an uninterrupted run", now["workers"], now["replicas"],
                 now["global_batch_size"], before.get("workers", 1), before.get("replicas", 1),
@@ -423,6 +422,10 @@ class Trainer:
         logger.info("resumed from %s at step %d (interval %d)", state.checkpoint, state.step, state.interval)
         self.state = state
         self._saved_step = state.step
+
+    def _topology(self) -> dict:
+        return {"workers": self.cluster.num_workers, "replicas": self.replicas // self.cluster.num_workers,
+                "global_batch_size": self.global_batch}
 
     def _new_early_stopping(self):
         return common.EarlyStopping(patience=self.config.early_stopping, mode=self.MONITOR_MODES[self.config.monitor])
