@@ -19,6 +19,7 @@ tiles) or ``resnet50`` / ``resnet101`` (TAO-like, FPN P2-P6 at 256 channels); an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,9 @@ class MaskRCNNTrainer(trainer.Trainer):
 
 
 def main(argv=None) -> int:
+    # Grappler's cost model logs a screenful per CropAndResize with a dynamic ROI count on every trace;
+    # TF_CPP_MIN_LOG_LEVEL=2 keeps C++ errors (set it to 0 to see everything)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     trainer.setup_logging()
     args = parse_args(argv)
     try:

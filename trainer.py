@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -656,6 +657,10 @@ def weights_fingerprint(model) -> str:
 def run_main(trainer_class, config, args, name: str) -> int:
     """The body of a trainer's main(): checks, run folder, config.json, run; exit codes as documented."""
     trainer = None
+    # SIGUSR1's default action kills the process: one arriving outside the training loop (while the model
+    # is built, tested or exported) must not lose a run. PreemptionGuard takes it over inside the loop.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: logger.warning(
+        "SIGUSR1 outside the training loop: ignored (the run is starting or finishing)"))
     try:
         train_meta, test_meta = trainer_class.check_databases(config)
         cluster = resolve_cluster(config.distribution) or Cluster()

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from slurm_helpers import slurm_cluster  # noqa: E402,F401  (session fixture: one private SLURM cluster)
+
 SHARED_DATA = ROOT.parent / "shared" / "data" / "nist-hes"
 
 

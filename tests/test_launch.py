@@ -21,13 +21,18 @@ import pytest
 from launch import tf_config as tfc
 from slurm_helpers import (Cluster, SlurmError, job_output, queued_job_ids, signal_batch_shell, submit,
                            wait_dead, wait_for_state, wait_for_text)
-from slurm_helpers import slurm_cluster as cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 
 pytestmark = pytest.mark.timeout(300)
 slurm = pytest.mark.slurm
+
+
+@pytest.fixture
+def cluster(slurm_cluster):
+    """The session's private cluster (conftest.py): one for every module that submits jobs."""
+    return slurm_cluster
 
 
 def _environ_without_slurm() -> dict:
