@@ -1,4 +1,5 @@
-"""Segmentation models (Keras functional, channels-last, returning logits) and their builder by name.
+"""Segmentation models (Keras, channels-last, returning logits) and their builder by name; Mask R-CNN
+(``models.maskrcnn``) is assembled from its parts and built by ``train_maskrcnn.py``.
 
 Importing this package imports Keras; data code never imports it (the reader takes
 ``size_multiple=model.size_multiple`` instead).
@@ -14,6 +15,7 @@ import keras
 from .common import InputSizeCheck, check_input_size
 from .fc_densenet import CONFIGS as FC_DENSENET_CONFIGS
 from .fc_densenet import FCDenseNet
+from .maskrcnn import MaskRCNN, MaskRCNNConfig
 from .unet import UNet
 
 _MODELS: dict[str, type[keras.Model]] = {
@@ -24,7 +26,8 @@ _MODELS: dict[str, type[keras.Model]] = {
 #: Names ``build_model`` accepts.
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 
-__all__ = ["MODEL_NAMES", "FC_DENSENET_CONFIGS", "FCDenseNet", "InputSizeCheck", "UNet", "build_model",
+__all__ = ["MODEL_NAMES", "FC_DENSENET_CONFIGS", "FCDenseNet", "InputSizeCheck", "MaskRCNN", "MaskRCNNConfig",
+           "UNet", "build_model",
            "check_input_size"]
 
 

@@ -144,7 +144,7 @@ def test_usr1_checkpoints_all_workers_and_resume_continues_with_one(blocks_db, t
     single = [sys.executable, *trainer_args(blocks_db, out, max_steps=40)]
     r = subprocess.run(single, capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"resumed from" in r.stderr and "instead of 2 x 1" in r.stderr, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "instead of 2 x 1" in r.stderr, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["workers"] == 1
 
