@@ -92,7 +92,24 @@ class BaseTrainConfig:
 
 
 # Settings that may differ between a run and its continuation without making it "a different run".
-RESUME_IGNORED = ("max_steps", "log_every", "cpu_replicas", "reader_count", "test_images", "distribution")
+# The database paths may change too (launch/ copies them to node-local scratch, a new path per job):
+# check_resumed_data() compares their contents' record counts with the run's instead.
+RESUME_IGNORED = ("max_steps", "log_every", "cpu_replicas", "reader_count", "test_images", "distribution",
+                  "train_database", "test_database")
+
+
+def check_resumed_data(folder: common.RunFolder, train_meta, test_meta) -> None:
+    """TrainError when a resumed run's databases are not the ones it started with (by record counts)."""
+    if not folder.config.exists():
+        return
+    data = json.loads(folder.config.read_text()).get("data", {})
+    for name, meta in (("train", train_meta), ("test", test_meta)):
+        before = data.get(f"{name}_records")
+        if before is not None and before != meta.record_count:
+            raise TrainError(
+                f"--{name}_database has {meta.record_count} records but the run in {folder.path} was trained on "
+                f"{before} ({data.get(f'{name}_database')}); resume with the same databases or choose another "
+                "--output_dir")
 
 
 def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], defaults: BaseTrainConfig) -> None:
@@ -669,6 +686,8 @@ def run_main(trainer_class, config, args, name: str) -> int:
         folder = common.RunFolder(config.output_dir)
         if cluster.is_chief:
             resume = folder.prepare(dataclasses.asdict(config), bool(args.resume), RESUME_IGNORED)
+            if resume:
+                check_resumed_data(folder, train_meta, test_meta)
             handler = common.log_to_file(folder)
         else:
             # the chief creates and checks the folder; the others only follow its checkpoint

@@ -55,3 +55,28 @@ def write_pairs(folder: Path, count: int = 4, size: int = 64, channels: int = 1,
         else:
             tifffile.imwrite(masks / f"img{i:03d}{mask_ext}", mask)
     return images, masks
+
+
+def build_blocks_db(root: Path, count: int = 24, seed: int = 0, train_fraction: float = 0.75) -> Path:
+    """Learnable 32x32 data: bright rectangles (class 1) on a dark textured background, built into
+    ROOT/lmdb/{train,test}-b.lmdb with the project's builder; returns the lmdb folder."""
+    import imagecodecs
+    import tifffile
+
+    import build_lmdb
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        mask = np.zeros((32, 32), np.uint8)
+        y, x = rng.integers(0, 16, 2)
+        mask[y: y + rng.integers(8, 16), x: x + rng.integers(8, 16)] = 1
+        image = (mask.astype(np.uint16) * 800 + 200 + rng.integers(0, 100, (32, 32))).astype(np.uint16)
+        tifffile.imwrite(root / "images" / f"b{i:02d}.tif", image)
+        imagecodecs.imwrite(str(root / "masks" / f"b{i:02d}.png"), mask)
+    assert build_lmdb.main(["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
+                            "--output_folder", str(root / "lmdb"), "--dataset_name", "b", "--quiet",
+                            "--workers", "1", "--train_fraction", str(train_fraction)]) == 0
+    return root / "lmdb"
+

@@ -148,6 +148,12 @@ def test_rpn_losses_finite_without_objects():
     score_loss, box_loss = rpn_losses(logits, tf.zeros((2, anchors.shape[0], 4)), targets)
     np.testing.assert_allclose(score_loss.numpy(), [math.log(2.0)] * 2, rtol=1e-5)
     np.testing.assert_array_equal(box_loss.numpy(), [0.0, 0.0])
+    # no gt slots at all (M = 0) works too
+    targets = rpn_targets(tf.constant(anchors), tf.zeros((2, 0, 4)), tf.constant([0, 0]), batch_size_per_im=16)
+    assert (targets["labels"].numpy() == 0).all()
+    sample = sample_rois(tf.zeros((2, 3, 4)), tf.zeros((2, 3), tf.bool), tf.zeros((2, 0, 4)),
+                         tf.zeros((2, 0), tf.int32), tf.constant([0, 0]), batch_size_per_im=4)
+    assert not sample["sampled"].numpy().any()
 
 
 # ---- proposals ----
@@ -296,5 +302,7 @@ def test_config_round_trip_and_validation():
         MaskRCNNConfig(backbone="vgg")
     with pytest.raises(ValueError, match="not_a_field"):
         MaskRCNNConfig.from_dict({"not_a_field": 1})
+    with pytest.raises(ValueError, match="backbone_weights"):
+        MaskRCNNConfig.preset("small", backbone_weights="resnet.h5")
     with pytest.raises(ValueError, match="mrcnn_resolution"):
         MaskRCNNConfig(mrcnn_resolution=27)

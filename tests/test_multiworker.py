@@ -15,13 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import imagecodecs
-import numpy as np
 import pytest
-import tifffile
 
-import build_lmdb
-from conftest import ROOT
+from conftest import ROOT, build_blocks_db
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -30,21 +26,7 @@ SMALL_UNET = ["--depth", "2", "--base_filters", "8", "--dropout", "0.0"]
 
 @pytest.fixture(scope="module")
 def blocks_db(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mw")
-    rng = np.random.default_rng(1)
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i in range(20):
-        mask = np.zeros((32, 32), np.uint8)
-        y, x = rng.integers(0, 16, 2)
-        mask[y: y + rng.integers(8, 16), x: x + rng.integers(8, 16)] = 1
-        image = (mask.astype(np.uint16) * 800 + 200 + rng.integers(0, 100, (32, 32))).astype(np.uint16)
-        tifffile.imwrite(root / "images" / f"b{i:02d}.tif", image)
-        imagecodecs.imwrite(str(root / "masks" / f"b{i:02d}.png"), mask)
-    assert build_lmdb.main(["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
-                            "--output_folder", str(root / "lmdb"), "--dataset_name", "b", "--quiet",
-                            "--workers", "1", "--train_fraction", "0.7"]) == 0
-    return root / "lmdb"
+    return build_blocks_db(tmp_path_factory.mktemp("mw"), count=20, seed=1, train_fraction=0.7)
 
 
 def trainer_args(lmdb: Path, out: Path, max_steps: int = 30) -> list[str]:

@@ -14,13 +14,9 @@ import signal
 import time
 from pathlib import Path
 
-import imagecodecs
-import numpy as np
 import pytest
-import tifffile
 
-import build_lmdb
-from conftest import ROOT
+from conftest import ROOT, build_blocks_db
 from slurm_helpers import (Cluster, SlurmError, job_output, queued_job_ids, signal_batch_shell, submit,
                            wait_dead, wait_for_state, wait_for_text)
 
@@ -31,21 +27,7 @@ JOB_ENV = {"ENKI_SNAPSHOT_GIT": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 @pytest.fixture(scope="module")
 def databases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm-train")
-    rng = np.random.default_rng(2)
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i in range(16):
-        mask = np.zeros((32, 32), np.uint8)
-        y, x = rng.integers(0, 16, 2)
-        mask[y: y + rng.integers(8, 16), x: x + rng.integers(8, 16)] = 1
-        image = (mask.astype(np.uint16) * 800 + 200 + rng.integers(0, 100, (32, 32))).astype(np.uint16)
-        tifffile.imwrite(root / "images" / f"b{i:02d}.tif", image)
-        imagecodecs.imwrite(str(root / "masks" / f"b{i:02d}.png"), mask)
-    assert build_lmdb.main(["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
-                            "--output_folder", str(root / "lmdb"), "--dataset_name", "b", "--quiet",
-                            "--workers", "1", "--train_fraction", "0.75"]) == 0
-    return root / "lmdb"
+    return build_blocks_db(tmp_path_factory.mktemp("slurm-train"), count=16, seed=2)
 
 
 def write_config(path: Path, lmdb: Path, max_steps: int) -> Path:

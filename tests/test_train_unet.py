@@ -21,7 +21,7 @@ import tifffile
 
 import build_lmdb
 import train_common
-from conftest import ROOT
+from conftest import ROOT, build_blocks_db
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -30,22 +30,8 @@ SMALL_MODEL = ["--model", "unet", "--depth", "2", "--base_filters", "8", "--drop
 
 @pytest.fixture(scope="module")
 def blocks_db(tmp_path_factory):
-    """Learnable data: bright rectangles (class 1) on a dark textured background, 32x32."""
-    root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for i in range(24):
-        mask = np.zeros((32, 32), np.uint8)
-        y, x = rng.integers(0, 16, 2)
-        mask[y : y + rng.integers(8, 16), x : x + rng.integers(8, 16)] = 1
-        image = (mask.astype(np.uint16) * 800 + 200 + rng.integers(0, 100, (32, 32))).astype(np.uint16)
-        tifffile.imwrite(root / "images" / f"b{i:02d}.tif", image)
-        imagecodecs.imwrite(str(root / "masks" / f"b{i:02d}.png"), mask)
-    assert build_lmdb.main(["--image_folder", str(root / "images"), "--mask_folder", str(root / "masks"),
-                            "--output_folder", str(root / "lmdb"), "--dataset_name", "b", "--quiet",
-                            "--workers", "1", "--train_fraction", "0.75"]) == 0
-    return root / "lmdb" / "train-b.lmdb", root / "lmdb" / "test-b.lmdb"
+    lmdb = build_blocks_db(tmp_path_factory.mktemp("train"))
+    return lmdb / "train-b.lmdb", lmdb / "test-b.lmdb"
 
 
 def _cmd(train, test, out, *extra, model=SMALL_MODEL):
