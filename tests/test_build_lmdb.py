@@ -269,6 +269,16 @@ def _assert_failed_cleanly(rc, out, caplog, *needles):
     assert not out.exists() or not any(out.iterdir()), f"left behind: {list(out.iterdir())}"
 
 
+def test_bad_instance_without_a_class(tmp_path, caplog):
+    """An object whose pixels are all background in the semantic mask has no class: say which one."""
+    root = _instance_dataset(tmp_path / "src")
+    inst = tifffile.imread(root / "instances" / "s1.tif")
+    inst[0:3, 50:60] = 30  # drawn in the instance labels only
+    tifffile.imwrite(root / "instances" / "s1.tif", inst)
+    rc, out = run_build(tmp_path, root / "images", root / "masks", "--instance_folder", str(root / "instances"))
+    _assert_failed_cleanly(rc, out, caplog, "s1.tif", "object 30", "entirely on background")
+
+
 @pytest.fixture
 def pairs(tmp_path):
     return write_pairs(tmp_path / "src", count=4, size=64)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import tifffile
@@ -38,7 +39,7 @@ def cells(tmp_path_factory):
 def _train(args, timeout=840):
     cmd = [sys.executable, str(ROOT / "train_maskrcnn.py"), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
 @pytest.mark.slow
@@ -102,3 +103,28 @@ def test_errors_before_work(cells, tmp_path):
                 "--output_dir", tmp_path / "c", "--number_classes", "3", "--maskrcnn", "fpn_chanels=32"], timeout=120)
     assert r.returncode == 2 and "fpn_chanels" in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_two_workers_stay_in_sync_and_a_single_process_resumes(cells, tmp_path):
+    """MultiWorkerMirroredStrategy (2 processes via launch/local.py): equal weights on both workers,
+    evaluation on each worker without collectives; then the run continues from its checkpoint in one
+    process (a changed worker count is allowed, and said)."""
+    lmdb, out = cells / "lmdb", tmp_path / "run"
+    common = ["--train_database", lmdb / "train-c.lmdb", "--test_database", lmdb / "test-c.lmdb", "--output_dir",
+              out, "--number_classes", "3", "--batch_size", "2", "--test_every_n_steps", "5", "--log_every", "5",
+              "--seed", "0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--num_workers", "2", "--timeout", "400",
+                        "--", sys.executable, str(ROOT / "train_maskrcnn.py"), *map(str, common), "--max_steps", "10",
+                        "--distribution", "multi_worker"], capture_output=True, text=True, timeout=480, cwd=ROOT,
+                       env=env)
+    output = r.stdout + r.stderr
+    assert r.returncode == 0, output[-4000:]
+    prints = dict(re.findall(r"\[rank (\d)\].*model weights fingerprint (\w+)", output))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
+    assert json.loads((out / "summary.json").read_text())["workers"] == 2
+    r = _train([*common, "--max_steps", "14"], timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stderr and "instead of 2 x 1" in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 14 and summary["workers"] == 1
