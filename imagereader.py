@@ -368,10 +368,40 @@ class _Producer:
         arrays["num_instances"][slot, j] = ids.size
 
 
+#: Signals meant for the trainer that often reach its whole process group or process tree (Ctrl-C,
+#: SLURM's SIGUSR1 warning, SIGTERM on preemption or from launch/local.py, which SLURM's linuxproc
+#: tracking sends to every process of a step). Reader processes ignore them: the consumer owns their
+#: lifetime, and one dying of them would fail the trainer before it could write its checkpoint.
+_TRAINER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_trainer_signals() -> None:
+    for sig in _TRAINER_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _imported_by_forkserver() -> bool:
+    """True while multiprocessing's forkserver imports this module as its preload."""
+    from multiprocessing import forkserver
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _imported_by_forkserver():
+    # The forkserver is the parent of the workers and reports their exit codes; if a signal kills it,
+    # every live worker reads as "exited with code 255". It ends by itself when the consumer's process
+    # goes (its alive pipe closes).
+    _ignore_trainer_signals()
+
+
 def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn, plan: Plan) -> None:
     """Worker process entry point: fill own slots in turn, report each, stop on None or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _ignore_trainer_signals()  # a None, a closed pipe or the consumer's death end a worker; SIGKILL still works
     parent = os.getppid()
     try:
         try:
@@ -476,7 +506,7 @@ def _default_start_method() -> str:
 
 
 def _shutdown(processes, conns, slots) -> None:
-    """Stop workers (polite, then SIGTERM, then SIGKILL), close pipes, release shared memory."""
+    """Stop workers (polite, then SIGKILL: workers ignore SIGTERM), close pipes, release shared memory."""
     for conn in conns:
         try:
             conn.send(None)
@@ -486,10 +516,6 @@ def _shutdown(processes, conns, slots) -> None:
     for proc in processes:
         proc.join(max(0.0, deadline - time.monotonic()))
     for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        proc.join(1.0)
         if proc.is_alive():
             proc.kill()
             proc.join(1.0)

@@ -302,6 +302,27 @@ def test_worker_killed_by_sigkill_is_reported(small_db):
     assert not _children()
 
 
+def test_workers_outlive_signals_meant_for_the_trainer(small_db):
+    """SLURM's SIGUSR1 warning, SIGTERM on preemption and Ctrl-C often reach the trainer's whole process
+    group; the workers must keep serving so the trainer can finish its step and write a checkpoint."""
+    train, _ = small_db
+    config = ReaderConfig(str(train), batch_size=4, num_workers=2)
+    with ImageReader(config) as reader:
+        reader.next_batch()
+        from multiprocessing import forkserver
+
+        forkserver_pid = forkserver._forkserver._forkserver_pid  # the workers' parent with forkserver
+        for pid in [proc.pid for proc in reader._processes] + ([forkserver_pid] if forkserver_pid else []):
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                os.kill(pid, sig)
+        for _ in range(20):
+            reader.next_batch()
+        assert all(proc.is_alive() for proc in reader._processes)
+        start = time.monotonic()
+    assert time.monotonic() - start < 5  # close() still stops them
+    assert not _children()
+
+
 def test_hung_worker_is_reported_after_stall_timeout(small_db):
     train, _ = small_db
     config = ReaderConfig(str(train), batch_size=4, num_workers=2, stall_timeout=2.0)
