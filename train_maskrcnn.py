@@ -159,15 +159,7 @@ class MaskRCNNTrainer(trainer.Trainer):
         # whole test database with its own copy of the weights: no collectives, equal results everywhere
         from imagereader import ImageReader
 
-        def train_fn(ctx):
-            per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-            replicas_here = max(1, self.replicas // ctx.num_input_pipelines)
-            reader = ImageReader(self.reader_config("train", ctx.input_pipeline_id, ctx.num_input_pipelines,
-                                                    per_replica, replicas_here)).start()
-            self.readers.append(reader)
-            return reader.as_tf_dataset()
-
-        self.train_dataset = self.strategy.distribute_datasets_from_function(train_fn)
+        self.train_dataset = self.strategy.distribute_datasets_from_function(self.reader_dataset_fn("train"))
         self.train_iterator = iter(self.train_dataset)
         self.test_reader = ImageReader(self.reader_config("test")).start()
         self.readers.append(self.test_reader)

@@ -68,9 +68,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-check_databases = trainer.check_databases
-
-
 def build_model(config: TrainConfig, channels: int):
     import models
 

@@ -465,20 +465,21 @@ class Trainer:
             start_position=start, size_multiple=self.size_multiple, **self.reader_options,
         )
 
-    def _build_data(self):
-        def dataset_fn(mode):
-            def fn(ctx):
-                per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-                replicas_here = max(1, self.replicas // ctx.num_input_pipelines)
-                reader = ImageReader(self.reader_config(mode, ctx.input_pipeline_id, ctx.num_input_pipelines,
-                                                        per_replica, replicas_here)).start()
-                self.readers.append(reader)
-                return reader.as_tf_dataset()
-            return fn
+    def reader_dataset_fn(self, mode: str):
+        """For distribute_datasets_from_function: one started reader per input pipeline, as a tf.data dataset."""
+        def fn(ctx):
+            per_replica = ctx.get_per_replica_batch_size(self.global_batch)
+            replicas_here = max(1, self.replicas // ctx.num_input_pipelines)
+            reader = ImageReader(self.reader_config(mode, ctx.input_pipeline_id, ctx.num_input_pipelines,
+                                                    per_replica, replicas_here)).start()
+            self.readers.append(reader)
+            return reader.as_tf_dataset()
+        return fn
 
-        self.train_dataset = self.strategy.distribute_datasets_from_function(dataset_fn("train"))
+    def _build_data(self):
+        self.train_dataset = self.strategy.distribute_datasets_from_function(self.reader_dataset_fn("train"))
         self.train_iterator = iter(self.train_dataset)
-        self.test_dataset = self.strategy.distribute_datasets_from_function(dataset_fn("test"))
+        self.test_dataset = self.strategy.distribute_datasets_from_function(self.reader_dataset_fn("test"))
 
     def _build_steps(self):
         tf, strategy, model, cfg = self.tf, self.strategy, self.model, self.config

@@ -6,6 +6,7 @@ Every run is a subprocess tree bounded by the launcher's --timeout and the test'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, build_blocks_db
+from slurm_helpers import wait_dead
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -63,12 +65,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
+@contextlib.contextmanager
+def launched(command: list[str]):
+    """A launcher run whose output is read line by line; its whole process group is SIGKILLed if the
+    test leaves before it ended."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=ENV, start_new_session=True)
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def wait_for_line(proc: subprocess.Popen, pattern: str, deadline: float, lines: list[str]) -> None:
@@ -106,17 +114,11 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(blocks_db, tmp_path
 
 def test_usr1_checkpoints_all_workers_and_resume_continues_with_one(blocks_db, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(launcher(2, trainer_args(blocks_db, out, max_steps=40)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV, start_new_session=True)
     lines: list[str] = []
-    try:
+    with launched(launcher(2, trainer_args(blocks_db, out, max_steps=40))) as proc:
         wait_for_line(proc, r"\[rank 0\].*step 12 ", time.monotonic() + 200, lines)
         os.kill(proc.pid, signal.SIGUSR1)  # the launcher forwards it, as SLURM's --signal does
         rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     output = "".join(lines) + rest
     assert proc.returncode == 75, output[-4000:]
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
@@ -133,10 +135,8 @@ def test_usr1_checkpoints_all_workers_and_resume_continues_with_one(blocks_db, t
 
 def test_a_dead_worker_fails_the_run_fast_and_leaves_nothing_running(blocks_db, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(launcher(2, trainer_args(blocks_db, out, max_steps=100000)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV, start_new_session=True)
     lines: list[str] = []
-    try:
+    with launched(launcher(2, trainer_args(blocks_db, out, max_steps=100000))) as proc:
         wait_for_line(proc, r"\[rank 1\].*step 4 ", time.monotonic() + 200, lines)
         workers = children(proc.pid)
         assert len(workers) == 2, workers
@@ -147,14 +147,7 @@ def test_a_dead_worker_fails_the_run_fast_and_leaves_nothing_running(blocks_db, 
         os.kill(ranks[1], signal.SIGKILL)  # an out-of-memory kill, a node gone
         rest, _ = proc.communicate(timeout=90)
         elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     output = "".join(lines) + rest
     assert proc.returncode not in (0, 75), output[-3000:]
     assert elapsed < 60, elapsed
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(alive(p) for p in descendants):
-        time.sleep(0.2)
-    assert not [p for p in descendants if alive(p)], "worker or reader processes left running"
+    assert all(wait_dead(p, 20) for p in descendants), "worker or reader processes left running"
