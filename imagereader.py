@@ -26,6 +26,8 @@ What is in batch ``s`` is a pure function of the configuration:
 * test mode: the shard's records in index order, once per pass; the last batch of a pass is partial
   (fewer than ``B`` rows: arrays have the real length, so nothing is duplicated or padded). Each
   ``iter(reader)`` yields exactly one pass; the next ``iter`` yields the next, identical pass.
+  With ``batches_per_pass=N`` a pass is exactly N full batches instead, rows past the shard's
+  records being zero padding marked ``valid == 0`` (distributed test steps: no empty replica).
 
 Each example's augmentation is drawn from ``np.random.default_rng([seed, epoch, index])``, so the
 same seed gives identical examples with any number of workers and any start method.
@@ -90,6 +92,11 @@ class ReaderConfig:
     shard_index, num_shards: this reader reads records ``shard_index::num_shards`` only (multi-worker
         training: disjoint shards that together cover the database).
     start_position: train mode: the stream position (examples) to start at, for resume.
+    batches_per_pass: test mode: 0 makes a pass ceil(records / batch_size) batches, the last one
+        partial; N > 0 makes every pass exactly N full batches, the rows past the shard's records
+        being padding, and adds a ``valid`` array (1 = a record, 0 = padding). Distributed test steps
+        need this: every replica of every worker then gets a full batch at every step (an empty
+        per-replica batch breaks synchronized batch norm and collectives).
     slots_per_worker: batch slots each worker owns (queue capacity = num_workers * slots_per_worker).
     size_multiple: records' height and width must be multiples of this (the model's downsampling).
     max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
@@ -111,6 +118,7 @@ class ReaderConfig:
     shard_index: int = 0
     num_shards: int = 1
     start_position: int = 0
+    batches_per_pass: int = 0
     slots_per_worker: int = 3
     size_multiple: int = 1
     max_instances: int = 0
@@ -126,6 +134,8 @@ class ReaderConfig:
             raise ValueError("batch_size and num_workers must be >= 1 and slots_per_worker >= 2")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} not in [0, num_shards={self.num_shards})")
+        if self.batches_per_pass < 0 or (self.batches_per_pass and self.mode != "test"):
+            raise ValueError("batches_per_pass must be >= 0 and is for test mode only")
         if self.start_method not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"start_method {self.start_method!r} is not fork, spawn or forkserver")
 
@@ -139,13 +149,19 @@ class Plan:
     def __init__(self, config: ReaderConfig, metadata: records.DatasetMetadata):
         self.config = config
         self.indices = np.arange(metadata.record_count, dtype=np.int64)[config.shard_index::config.num_shards]
-        if self.indices.size == 0:
+        self.padded = config.batches_per_pass > 0
+        if self.padded:
+            if self.indices.size > config.batches_per_pass * config.batch_size:
+                raise ReaderError(
+                    f"batches_per_pass={config.batches_per_pass} x batch_size={config.batch_size} holds fewer "
+                    f"rows than shard {config.shard_index}'s {self.indices.size} records of {config.database}")
+        elif self.indices.size == 0:
             raise ReaderError(
                 f"shard {config.shard_index} of {config.num_shards} of {config.database} is empty "
                 f"({metadata.record_count} records); use fewer shards"
             )
         self.count = int(self.indices.size)
-        self.batches_per_pass = math.ceil(self.count / config.batch_size)
+        self.batches_per_pass = config.batches_per_pass or math.ceil(self.count / config.batch_size)
         self._perms: dict[int, np.ndarray] = {}
         self._class_records = None
         if config.balance_classes and config.mode == "train":
@@ -166,12 +182,15 @@ class Plan:
         return perm
 
     def rows(self, seq: int) -> list[tuple[int, list[int] | None]]:
-        """[(record index, rng entropy or None)] for the rows of batch ``seq``."""
+        """[(record index, rng entropy or None)] for the rows of batch ``seq``; a padding row of a
+        padded test pass has index -1."""
         cfg = self.config
         if cfg.mode == "test":
             b = seq % self.batches_per_pass
-            chunk = self.indices[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            return [(int(i), None) for i in chunk]
+            chunk = [int(i) for i in self.indices[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            if self.padded:
+                chunk += [-1] * (cfg.batch_size - len(chunk))
+            return [(i, None) for i in chunk]
         out = []
         start = cfg.start_position + seq * cfg.batch_size
         for position in range(start, start + cfg.batch_size):
@@ -270,6 +289,8 @@ def batch_layout(config: ReaderConfig, metadata: records.DatasetMetadata) -> dic
         "semantic_mask": ((b, h, w), "uint8" if max_class < 256 else "int32"),
         "index": ((b,), "int64"),
     }
+    if config.batches_per_pass > 0:
+        layout["valid"] = ((b,), "uint8")
     if config.max_instances > 0:
         m = config.max_instances
         layout.update({
@@ -302,9 +323,20 @@ class _Producer:
         rows = self.plan.rows(seq)
         with self.db.transaction() as txn:
             for j, (index, entropy) in enumerate(rows):
+                if index < 0:
+                    self._fill_padding(slot, j)
+                    continue
                 index, example = self._read(txn, index)
                 self._fill_row(slot, j, index, example, entropy)
+                if self.plan.padded:
+                    self.arrays["valid"][slot, j] = 1
         return len(rows)
+
+    def _fill_padding(self, slot: int, j: int) -> None:
+        """A padding row of a padded test pass: zeros everywhere, index -1, valid 0."""
+        for name, array in self.arrays.items():
+            array[slot, j] = 0
+        self.arrays["index"][slot, j] = -1
 
     def _read(self, txn, index: int):
         tried = 0

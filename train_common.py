@@ -49,8 +49,10 @@ def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: 
 
     if cpu_replicas > 1:
         cpus = tf.config.list_physical_devices("CPU")
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        current = tf.config.get_logical_device_configuration(cpus[0])
+        if current is None or len(current) < cpu_replicas:  # set once per process, before the first op
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
     import keras
 
     keras.utils.set_random_seed(seed)

@@ -101,13 +101,17 @@ class UNetTrainer(trainer.Trainer):
         loss_fn = self.loss_fn
 
         def test_step(batch):
+            # every replica gets a full batch; padding rows (valid 0) count nowhere
             images, labels = batch["image"], tf.cast(batch["semantic_mask"], tf.int32)
+            valid = tf.cast(batch["valid"], tf.float32)
             logits = model(images, training=False)
             per_example = loss_fn(labels, logits)
             predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            pixel_weights = tf.broadcast_to(tf.cast(batch["valid"], tf.int64)[:, None, None], tf.shape(labels))
             cm = tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(predictions, [-1]),
-                                          num_classes=num_classes, dtype=tf.int64)
-            return tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32), cm
+                                          num_classes=num_classes, weights=tf.reshape(pixel_weights, [-1]),
+                                          dtype=tf.int64)
+            return tf.reduce_sum(per_example * valid), tf.reduce_sum(valid), cm
 
         @tf.function
         def distributed_test(batch):
@@ -125,7 +129,8 @@ class UNetTrainer(trainer.Trainer):
         for batch in self.test_dataset:
             if samples is None:
                 local = self.strategy.experimental_local_results(batch)[0]
-                samples = {k: local[k].numpy()[: cfg.test_images] for k in ("image", "semantic_mask")}
+                rows = np.flatnonzero(local["valid"].numpy())[: cfg.test_images]
+                samples = {k: local[k].numpy()[rows] for k in ("image", "semantic_mask")}
             s, n, cm = self.distributed_test(batch)
             loss_sum += float(s)
             count += float(n)

@@ -327,6 +327,8 @@ class Trainer:
         self.readers: list[ImageReader] = []
         self._temp_dirs: list[Path] = []
         self._saved_step: int | None = None
+        #: tests only: the training step whose loss is replaced by NaN, to exercise the NaN stop on any CPU
+        self._test_nan_step = int(os.environ.get("ENKI_TEST_NAN_AT_STEP", "0"))
 
     # -- hooks
 
@@ -470,8 +472,12 @@ class Trainer:
         def fn(ctx):
             per_replica = ctx.get_per_replica_batch_size(self.global_batch)
             replicas_here = max(1, self.replicas // ctx.num_input_pipelines)
-            reader = ImageReader(self.reader_config(mode, ctx.input_pipeline_id, ctx.num_input_pipelines,
-                                                    per_replica, replicas_here)).start()
+            config = self.reader_config(mode, ctx.input_pipeline_id, ctx.num_input_pipelines, per_replica,
+                                        replicas_here)
+            if mode == "test":
+                config = dataclasses.replace(config, batches_per_pass=test_batches_per_pass(
+                    self.test_meta.record_count, ctx.num_input_pipelines, per_replica, replicas_here))
+            reader = ImageReader(config).start()
             self.readers.append(reader)
             return reader.as_tf_dataset()
         return fn
@@ -535,6 +541,8 @@ class Trainer:
                 self.optimizer.learning_rate.assign(lr)
                 loss, terms = self.distributed_train(self.train_iterator)
                 loss = float(loss)
+                if state.step + 1 == self._test_nan_step:
+                    loss = float("nan")  # test-only fault injection (whether data overflows depends on the CPU)
                 if not math.isfinite(loss):
                     logger.error("loss is %s at step %d; stopping. The last good checkpoint is %s (step %d); "
                                  "lower --learning_rate or check the data", loss, state.step + 1,
@@ -665,6 +673,17 @@ class Trainer:
         self.readers = []
         for temp in self._temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_batches_per_pass(records: int, num_input_pipelines: int, per_replica_batch: int,
+                          replicas_per_pipeline: int) -> int:
+    """Batches each input pipeline's test reader yields per pass so that every pipeline makes the same
+    number of distributed steps and every replica gets a full batch at each (the rows past a shard's
+    records are padding with ``valid == 0``): an empty or uneven per-replica batch would break
+    synchronized batch norm, and a worker with fewer steps would leave the others in a collective."""
+    largest_shard = math.ceil(records / num_input_pipelines)  # shards are records i::num_input_pipelines
+    steps = max(1, math.ceil(largest_shard / (per_replica_batch * replicas_per_pipeline)))
+    return steps * replicas_per_pipeline
 
 
 def weights_fingerprint(model) -> str:

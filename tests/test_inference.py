@@ -219,7 +219,8 @@ def test_image_within_one_tile_equals_untiled_prediction(segmenters, shape):
         image = _image(*shape, seed=1)
         assert len(segmenter.plan(*shape)) == 1
         tiled = segmenter.logits(image)
-        np.testing.assert_array_equal(tiled, _whole_image_logits(segmenter, image))
+        # a tile and the whole image can run different kernels (shapes differ): equal up to rounding
+        _assert_same_prediction(tiled, _whole_image_logits(segmenter, image), atol=1e-5)
         labels = segmenter.segment(image)
         assert labels.dtype == np.uint8 and labels.shape == shape
         np.testing.assert_array_equal(labels, tiled.argmax(-1))

@@ -195,23 +195,20 @@ def test_early_stopping_rule_and_schedules():
     assert lr(50, 1.0, "polynomial", 0, 100) == pytest.approx(0.5 ** 0.9)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    src = tmp_path / "huge"
-    (src / "images").mkdir(parents=True)
-    (src / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        # finite but enormous float32 pixels: with --normalization none the first conv overflows
-        tifffile.imwrite(src / "images" / f"h{i}.tif", (rng.random((32, 32)) * 3e38).astype(np.float32))
-        imagecodecs.imwrite(str(src / "masks" / f"h{i}.png"), (rng.random((32, 32)) > 0.5).astype(np.uint8))
-    assert build_lmdb.main(["--image_folder", str(src / "images"), "--mask_folder", str(src / "masks"),
-                            "--output_folder", str(src / "lmdb"), "--quiet", "--train_fraction", "0.5"]) == 0
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(blocks_db, tmp_path):
+    # a non-finite loss injected at step 5 (a test-only switch): whether real data overflows a
+    # convolution depends on the CPU's kernels, so the stop path is tested independently of them
     out = tmp_path / "nan"
-    r = _run(_cmd(src / "lmdb" / "train-dataset.lmdb", src / "lmdb" / "test-dataset.lmdb", out,
-                  "--normalization", "none", "--max_steps", "5", "--use_augmentation", "0"))
+    r = subprocess.run(_cmd(*blocks_db, out, "--max_steps", "8", "--test_every_n_steps", "2",
+                            "--use_augmentation", "0"), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "ENKI_TEST_NAN_AT_STEP": "5"})
     assert r.returncode == train_common.NAN_EXIT_CODE, r.stderr[-2000:]
-    assert "loss is nan" in r.stderr.lower() or "loss is inf" in r.stderr.lower()
+    assert "loss is nan at step 5" in r.stderr.lower()
     assert not (out / "model.keras").exists()
+    state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["checkpoint"].endswith("ckpt-4")
+    assert Path(state["checkpoint"] + ".index").exists()  # the last good checkpoint is kept, loadable
+    assert "(step 4)" in r.stderr
 
 
 def test_config_file_flags_override_and_errors(tmp_path):
