@@ -491,3 +491,41 @@ def test_real_nist_data_test_pass_and_determinism(tmp_path, nist_hes):
         for _ in range(5):
             counts.update(np.unique(reader.next_batch()["semantic_mask"]).tolist())
     assert set(counts) <= {0, 1}
+
+
+def test_padded_test_passes_give_every_shard_the_same_full_batches(small_db):
+    """batches_per_pass: every shard yields exactly N full batches; padding rows are valid 0, index -1,
+    zeros; the records are each seen once over the shards (what distributed test steps rely on)."""
+    import trainer
+
+    _, test = small_db  # 22 records
+    shards, per_replica, replicas = 3, 2, 2
+    n = trainer.test_batches_per_pass(22, shards, per_replica, replicas)
+    assert n == 4  # largest shard 8 records = 2 steps of 2 replicas x 2
+    seen = []
+    for shard in range(shards):
+        config = ReaderConfig(str(test), batch_size=per_replica, mode="test", shard_index=shard,
+                              num_shards=shards, batches_per_pass=n)
+        with ImageReader(config) as reader:
+            for _ in range(2):  # two passes, identical
+                batches = [{k: v.copy() for k, v in b.items()} for b in reader]
+                assert len(batches) == n and all(len(b["index"]) == per_replica for b in batches)
+                valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
+                index = np.concatenate([b["index"] for b in batches])
+                assert np.all(index[~valid] == -1) and np.all(index[valid] >= 0)
+                padding = [b["image"][~b["valid"].astype(bool)] for b in batches]
+                assert all(np.all(p == 0) for p in padding)
+            seen += index[valid].tolist()
+    assert sorted(seen) == list(range(22))
+    assert trainer.test_batches_per_pass(1, 2, 2, 2) == 2  # one record, an empty shard: still one step
+    with ImageReader(ReaderConfig(str(test), batch_size=2, mode="test", shard_index=1, num_shards=30,
+                                  batches_per_pass=1)) as reader:
+        (batch,) = list(reader)
+        assert batch["valid"].tolist() == [1, 0]
+    with ImageReader(ReaderConfig(str(test), batch_size=2, mode="test", shard_index=25, num_shards=30,
+                                  batches_per_pass=1)) as reader:  # an empty shard: padding only
+        (batch,) = list(reader)
+        assert batch["valid"].tolist() == [0, 0] and batch["index"].tolist() == [-1, -1]
+    with pytest.raises(ReaderError, match="batches_per_pass=1"):
+        with ImageReader(ReaderConfig(str(test), batch_size=2, mode="test", batches_per_pass=1)) as reader:
+            list(reader)
