@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-import coco
-import image_io
-import records
-import tiling
-from image_io import InputError
+from enki_seg.data import coco
+from enki_seg.data import image_io
+from enki_seg.data import records
+from enki_seg.data import tiling
+from enki_seg.data.image_io import InputError
 
 logger = logging.getLogger("build_lmdb")
 

@@ -16,7 +16,7 @@ esac
 source scripts/setup_env.sh
 set -euo pipefail
 rm -rf demo_run
-python demo_data.py --output_folder demo_run/data --count 24 --height 512 --width 512 --seed 0
+python -m enki_seg.data.demo --output_folder demo_run/data --count 24 --height 512 --width 512 --seed 0
 python build_lmdb.py --image_folder demo_run/data/images --mask_folder demo_run/data/masks \
     --instance_folder demo_run/data/instances --output_folder demo_run/lmdb --dataset_name demo \
     --image_format tif --use_tiling 1 --tile_size 256 --number_classes 3 --seed 0

@@ -18,9 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-import image_io
-import metrics as seg_metrics
-from inference import Evaluation
+from enki_seg.data import image_io
+from enki_seg.evaluation import metrics as seg_metrics
+from enki_seg.inference.semantic import Evaluation
 
 logger = logging.getLogger("evaluate")
 

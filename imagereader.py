@@ -61,8 +61,8 @@ from multiprocessing import connection
 import numpy as np
 
 import augment
-import records
-from normalization import Normalization
+from enki_seg.data import records
+from enki_seg.data.normalization import Normalization
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-import coco_eval
-import train_common as common
-import trainer
-from train_common import TrainError
+from enki_seg.evaluation import coco_ap as coco_eval
+from enki_seg.training import common
+from enki_seg.training import loop as trainer
+from enki_seg.training.common import TrainError
 
 MONITORS = {"loss": "min", "mask_ap": "max", "box_ap": "max", "mask_ap50": "max", "box_ap50": "max"}
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import metrics as seg_metrics
-import train_common as common
-import trainer
-from train_common import TrainError
+from enki_seg.evaluation import metrics as seg_metrics
+from enki_seg.training import common
+from enki_seg.training import loop as trainer
+from enki_seg.training.common import TrainError
 
 logger = logging.getLogger("train_unet")
 
@@ -85,7 +85,7 @@ class UNetTrainer(trainer.Trainer):
     MONITOR_MODES = {"loss": "min", "iou": "max", "dice": "max"}
 
     def create_model(self):
-        import losses
+        from enki_seg.training import losses
 
         self.loss_fn = losses.make_loss(self.config.loss, self.config.number_classes, self.config.class_weights)
         return build_model(self.config, self.train_meta.channels)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import build_lmdb  # noqa: E402
-import image_io  # noqa: E402
+from enki_seg.data import image_io  # noqa: E402
 
 
 def read_rate(images: list[Path], masks: Path) -> float:

@@ -85,7 +85,7 @@ def peak_rss_run(command: list[str], log: Path) -> tuple[int, float, float]:
 
 
 def throughput(run: Path, side: int, batch_size: int, repeats: int = 3) -> dict:
-    import inference
+    from enki_seg.inference import semantic as inference
 
     segmenter = inference.Segmenter(inference.load_run_info(run), batch_size=batch_size)
     image = synthetic_image(side, side, seed=1)[:, :, None]

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import build_lmdb  # noqa: E402
-import demo_data  # noqa: E402
-import records  # noqa: E402
+from enki_seg.data import demo as demo_data  # noqa: E402
+from enki_seg.data import records  # noqa: E402
 import train_maskrcnn  # noqa: E402
 
 

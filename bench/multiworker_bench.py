@@ -29,7 +29,7 @@ def worker(steps: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    import losses
+    from enki_seg.training import losses
     import models
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     print(f"2 workers on loopback: small UNet step {step_ms:.1f} ms, per-step agreement all-reduce "
           f"{agree_ms:.2f} ms ({100 * agree_ms / step_ms:.1f}% of a step)")
     sys.path.insert(0, str(ROOT))
-    from trainer import PREEMPTION_CHECK_STEPS as every  # importing trainer does not import TensorFlow
+    from enki_seg.training.loop import PREEMPTION_CHECK_STEPS as every  # importing trainer does not import TensorFlow
 
     print(f"amortized over the trainer's check every {every} steps: {100 * agree_ms / step_ms / every:.2f}% of step time")
     print(json.dumps({"step_ms": round(step_ms, 2), "agree_ms": round(agree_ms, 3),

@@ -52,7 +52,7 @@ def _zscore(image):
 
 
 def _worker(path, batch_size, num_classes, augment, out_queue, stop, worker_seed):
-    import records
+    from enki_seg.data import records
 
     rng = np.random.default_rng(worker_seed)
     db = records.Database(path)

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import augment  # noqa: E402
 import build_lmdb  # noqa: E402
 import nist_baseline  # noqa: E402
-import records  # noqa: E402
+from enki_seg.data import records  # noqa: E402
 from imagereader import ImageReader, ReaderConfig  # noqa: E402
-from normalization import Normalization  # noqa: E402
+from enki_seg.data.normalization import Normalization  # noqa: E402
 
 BATCH = 8
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import lmdb  # noqa: E402
 
 import build_lmdb  # noqa: E402
-import records  # noqa: E402
+from enki_seg.data import records  # noqa: E402
 
 
 def _rate(path: Path, decode: bool, passes: int = 5) -> float:

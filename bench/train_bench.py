@@ -29,7 +29,7 @@ from imagereader import ImageReader, ReaderConfig  # noqa: E402
 def _loop(tf, model, dataset, steps: int, batch: int) -> float:
     import keras
 
-    import losses
+    from enki_seg.training import losses
 
     loss_fn = losses.make_loss("cross_entropy", 2)
     optimizer = keras.optimizers.Adam(1e-4)

@@ -16,9 +16,9 @@ import pytest
 import tifffile
 
 import build_lmdb
-import image_io
-import records
-import tiling
+from enki_seg.data import image_io
+from enki_seg.data import records
+from enki_seg.data import tiling
 from conftest import ROOT, write_pairs
 
 

@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-import coco_eval
+from enki_seg.evaluation import coco_ap as coco_eval
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-import demo_data
+from enki_seg.data import demo as demo_data
 
 SIZE = (160, 192)  # (height, width); not square, to catch swapped axes
 COUNT = 4

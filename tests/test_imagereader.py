@@ -21,11 +21,11 @@ import tifffile
 
 import augment
 import build_lmdb
-import records
+from enki_seg.data import records
 from conftest import ROOT
 from imagereader import (STARVATION_MESSAGE, STARVATION_OVER_MESSAGE, ImageReader, ReaderConfig,
                          ReaderError)
-from normalization import Normalization
+from enki_seg.data.normalization import Normalization
 
 pytestmark = pytest.mark.timeout(120)  # every reader test is bounded (pytest-timeout)
 
@@ -496,7 +496,7 @@ def test_real_nist_data_test_pass_and_determinism(tmp_path, nist_hes):
 def test_padded_test_passes_give_every_shard_the_same_full_batches(small_db):
     """batches_per_pass: every shard yields exactly N full batches; padding rows are valid 0, index -1,
     zeros; the records are each seen once over the shards (what distributed test steps rely on)."""
-    import trainer
+    from enki_seg.training import loop as trainer
 
     _, test = small_db  # 22 records
     shards, per_replica, replicas = 3, 2, 2

@@ -20,11 +20,11 @@ import tifffile
 
 import build_lmdb
 import evaluate
-import image_io
-import inference
-import metrics as seg_metrics
+from enki_seg.data import image_io
+from enki_seg.inference import semantic as inference
+from enki_seg.evaluation import metrics as seg_metrics
 from conftest import ROOT, write_pairs
-from normalization import Normalization
+from enki_seg.data.normalization import Normalization
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -266,7 +266,7 @@ def test_one_tile_image_reproduces_the_trainers_test_prediction(runs, tmp_path):
     """A test-database record saved as an image file: inference == model on the reader's test batch."""
     import tensorflow as tf
 
-    import records
+    from enki_seg.data import records
     from imagereader import ImageReader, ReaderConfig
 
     images, masks = write_pairs(tmp_path / "src", count=5, size=128, classes=NUM_CLASSES, seed=4)

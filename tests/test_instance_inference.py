@@ -17,11 +17,11 @@ import tifffile
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-import coco_eval
-import inference
-import instance_inference
-from instance_inference import Detections, Detector, instance_labels
-from normalization import Normalization
+from enki_seg.evaluation import coco_ap as coco_eval
+from enki_seg.inference import semantic as inference
+from enki_seg.inference import instance as instance_inference
+from enki_seg.inference.instance import Detections, Detector, instance_labels
+from enki_seg.data.normalization import Normalization
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from losses import LOSS_NAMES, make_loss
+from enki_seg.training.losses import LOSS_NAMES, make_loss
 
 NUM_CLASSES = 3
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metrics import (CSV_COLUMNS, ConfusionAccumulator, SegmentationMetrics, confusion_matrix,
+from enki_seg.evaluation.metrics import (CSV_COLUMNS, ConfusionAccumulator, SegmentationMetrics, confusion_matrix,
                      format_table, read_json, segmentation_metrics, write_csv, write_json)
 
 # Rows = truth, columns = prediction. Classes 0..2 occur; class 3 ("absent") occurs nowhere.

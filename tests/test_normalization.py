@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from normalization import Normalization
+from enki_seg.data.normalization import Normalization
 
 
 def test_zscore_per_channel_and_nist_constant_rule():

@@ -7,7 +7,7 @@ import lmdb
 import numpy as np
 import pytest
 
-import records
+from enki_seg.data import records
 
 
 def _example(dtype, channels, instances, rng, size=(17, 23)):

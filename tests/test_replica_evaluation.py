@@ -63,7 +63,7 @@ def databases(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
 
 SCRIPT = r"""
 import json, sys
-import train_common
+from enki_seg.training import common as train_common
 tf = train_common.configure_devices(cpu_replicas=2)
 import train_maskrcnn, train_unet
 

@@ -16,7 +16,7 @@ import pytest
 import tifffile
 
 import build_lmdb
-import demo_data
+from enki_seg.data import demo as demo_data
 from conftest import ROOT
 
 pytestmark = pytest.mark.timeout(900)

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 import build_lmdb
-import train_common
+from enki_seg.training import common as train_common
 from conftest import ROOT, build_blocks_db
 
 pytestmark = pytest.mark.timeout(600)
@@ -77,7 +77,7 @@ def test_end_to_end_early_stopping_exports_and_reload(blocks_db, tmp_path):
     import tensorflow as tf
 
     from imagereader import ImageReader, ReaderConfig
-    from normalization import Normalization
+    from enki_seg.data.normalization import Normalization
 
     with ImageReader(ReaderConfig(str(test), batch_size=6, mode="test",
                                   normalization=Normalization.from_dict(config["normalization"]))) as reader:

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import train_common
+from enki_seg.training import common as train_common
 import train_unet
-import trainer
-from train_common import TrainError
+from enki_seg.training import loop as trainer
+from enki_seg.training.common import TrainError
 
 
 def test_resolve_cluster_from_tf_config_slurm_and_nothing():

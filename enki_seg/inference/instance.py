@@ -50,10 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-import coco_eval
-import image_io
-import inference
-from inference import InferenceError, Tile
+from enki_seg.evaluation import coco_ap as coco_eval
+from enki_seg.data import image_io
+from enki_seg.inference import semantic as inference
+from enki_seg.inference.semantic import InferenceError, Tile
 
 logger = logging.getLogger("inference")
 

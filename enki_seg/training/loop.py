@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 import augment
-import records
-import train_common as common
+from enki_seg.data import records
+from enki_seg.training import common
 from imagereader import ImageReader, ReaderConfig
-from normalization import METHODS as NORMALIZATIONS
-from normalization import Normalization
-from train_common import TrainError
+from enki_seg.data.normalization import METHODS as NORMALIZATIONS
+from enki_seg.data.normalization import Normalization
+from enki_seg.training.common import TrainError
 
 logger = logging.getLogger("trainer")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_io import InputError
+from enki_seg.data.image_io import InputError
 
 logger = logging.getLogger(__name__)
 

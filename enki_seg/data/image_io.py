@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-import records
+from enki_seg.data import records
 
 logger = logging.getLogger(__name__)
 

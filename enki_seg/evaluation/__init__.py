@@ -1,0 +1,1 @@
+"""Evaluation: semantic segmentation metrics and COCO box/mask AP."""
