@@ -470,9 +470,9 @@ def test_cluster_start_is_idempotent_and_status_works(cluster: Cluster):
 @slurm
 def test_build_lmdb_job(cluster: Cluster, tmp_path):
     data, lmdb = tmp_path / "data", tmp_path / "lmdb"
-    subprocess.run([sys.executable, str(ROOT / "demo_data.py"), "--output_folder", str(data), "--count", "5",
+    subprocess.run([sys.executable, "-m", "enki_seg.data.demo", "--output_folder", str(data), "--count", "5",
                     "--height", "96", "--width", "96", "--coco", "0", "--num_workers", "1"],
-                   check=True, capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=120, cwd=ROOT)
     job = submit(cluster, LAUNCH / "build_lmdb.sbatch",
                  ["--image_folder", data / "images", "--mask_folder", data / "masks", "--output_folder", lmdb,
                   "--dataset_name", "t", "--image_format", "tif", "--number_classes", "3", "--quiet"],
