@@ -34,7 +34,7 @@ same seed gives identical examples with any number of workers and any start meth
 
 Failure: a worker exception reaches the consumer as ``ReaderError`` with the worker's traceback; a
 worker killed by a signal (e.g. the OOM killer's SIGKILL) raises ``ReaderError`` naming the signal;
-a corrupt record names its key (or, with ``skip_corrupt``, is replaced by the next record with a
+a corrupt record names its key (or, with ``skip_corrupt``, is skipped within its shard with a
 warning). The reader is a context manager; leaving it (also by exception or Ctrl-C) stops and joins
 every worker. Importing this module does not import TensorFlow; ``as_tf_dataset`` imports it lazily.
 """
@@ -100,7 +100,9 @@ class ReaderConfig:
     slots_per_worker: batch slots each worker owns (queue capacity = num_workers * slots_per_worker).
     size_multiple: records' height and width must be multiples of this (the model's downsampling).
     max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
-    skip_corrupt: replace a corrupt record by the next one with a warning instead of failing.
+    skip_corrupt: skip a corrupt record with a warning instead of failing: train mode uses the shard's
+        next record instead, test mode leaves it out (``skipped_records``/``pass_skipped_records``
+        count them), so every other record is still read exactly once per pass.
     copy: hand out copies instead of views that are only valid until the next batch is requested.
     start_method: "fork", "spawn" or "forkserver"; None picks forkserver (where available), since
         forking a process whose OpenCV/TensorFlow thread pools have run can deadlock the child.
@@ -319,18 +321,35 @@ class _Producer:
             self.augment = None
         self.normalization = config.normalization
 
-    def fill(self, slot: int, seq: int) -> int:
+    def fill(self, slot: int, seq: int) -> tuple[int, int]:
+        """Fill batch ``seq`` into ``slot``; returns (rows filled, corrupt records skipped).
+
+        A corrupt record (with ``skip_corrupt``) stays within the shard and within exact-once: in train
+        mode the next readable record of the shard takes its place; in test mode it is left out (the
+        batch gets one row shorter, or the row becomes padding in a padded pass), so every other record
+        of the shard is still yielded exactly once per pass."""
         rows = self.plan.rows(seq)
+        filled = skipped = 0
         with self.db.transaction() as txn:
-            for j, (index, entropy) in enumerate(rows):
+            for index, entropy in rows:
                 if index < 0:
-                    self._fill_padding(slot, j)
+                    self._fill_padding(slot, filled)
+                    filled += 1
                     continue
-                index, example = self._read(txn, index)
-                self._fill_row(slot, j, index, example, entropy)
+                example = self._read(txn, index)
+                if example is None:
+                    skipped += 1
+                    if self.config.mode == "test":
+                        if self.plan.padded:
+                            self._fill_padding(slot, filled)
+                            filled += 1
+                        continue
+                    index, example = self._replacement(txn, index)
+                self._fill_row(slot, filled, index, example, entropy)
                 if self.plan.padded:
-                    self.arrays["valid"][slot, j] = 1
-        return len(rows)
+                    self.arrays["valid"][slot, filled] = 1
+                filled += 1
+        return filled, skipped
 
     def _fill_padding(self, slot: int, j: int) -> None:
         """A padding row of a padded test pass: zeros everywhere, index -1, valid 0."""
@@ -339,25 +358,32 @@ class _Producer:
         self.arrays["index"][slot, j] = -1
 
     def _read(self, txn, index: int):
-        tried = 0
-        while True:
-            try:
-                return index, self.db.view(txn, index)
-            except records.RecordError as exc:
-                if not self.config.skip_corrupt:
-                    raise ReaderError(f"{self.config.database}: {exc}; rebuild the database or set "
-                                      "skip_corrupt") from None
-                self.send_warning(f"{self.config.database}: {exc}; skipped, using the next record")
-                tried += 1
-                if tried >= len(self.db):
-                    raise ReaderError(f"{self.config.database}: every record is corrupt") from None
-                index = (index + 1) % len(self.db)
+        """The record, or None when it is corrupt and ``skip_corrupt`` is set (warned)."""
+        try:
+            return self.db.view(txn, index)
+        except records.RecordError as exc:
+            if not self.config.skip_corrupt:
+                raise ReaderError(f"{self.config.database}: {exc}; rebuild the database or set "
+                                  "skip_corrupt") from None
+            self.send_warning(f"{self.config.database}: {exc}; skipped")
+            return None
+
+    def _replacement(self, txn, index: int):
+        """Train mode: the next readable record of this shard after ``index`` (cyclically)."""
+        shard = self.plan.indices
+        start = int(np.searchsorted(shard, index))
+        for k in range(1, shard.size + 1):
+            candidate = int(shard[(start + k) % shard.size])
+            example = self._read(txn, candidate) if candidate != index else None
+            if example is not None:
+                return candidate, example
+        raise ReaderError(f"{self.config.database}: every record of shard {self.config.shard_index} is corrupt")
 
     def _fill_row(self, slot: int, j: int, index: int, example: records.Example, entropy) -> None:
         arrays = self.arrays
         image_out = arrays["image"][slot, j]
         semantic = example.semantic_mask
-        instance = example.instance_labels
+        instance, instance_classes = example.instance_labels, example.instance_classes
         if self.augment is not None:
             rng = np.random.default_rng(entropy)
             params = augment.sample_params(rng, self.augment, semantic.shape)
@@ -365,13 +391,13 @@ class _Producer:
             self.normalization.apply(warped, out=image_out)
             semantic = augment.apply_labels(semantic, params)
             if instance is not None and self.config.max_instances > 0:
-                instance = augment.apply_labels(instance, params)
+                instance, instance_classes = augment.apply_instance_labels(instance, instance_classes, params)
         else:
             self.normalization.apply(example.image, out=image_out)
         arrays["semantic_mask"][slot, j] = semantic
         arrays["index"][slot, j] = index
         if self.config.max_instances > 0:
-            self._fill_instances(slot, j, instance, example.instance_classes, index)
+            self._fill_instances(slot, j, instance, instance_classes, index)
 
     def _fill_instances(self, slot, j, instance, classes, index) -> None:
         arrays = self.arrays
@@ -431,10 +457,18 @@ if _imported_by_forkserver():
     _ignore_trainer_signals()
 
 
-def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn, plan: Plan) -> None:
+def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn, plan: Plan,
+                 inherited=()) -> None:
     """Worker process entry point: fill own slots in turn, report each, stop on None or EOF."""
-    _ignore_trainer_signals()  # a None, a closed pipe or the consumer's death end a worker; SIGKILL still works
-    parent = os.getppid()
+    # How a worker ends: a None from the consumer (close()), or EOF/EPIPE on its pipe. The pipe is what
+    # makes a worker never outlive its consumer, whatever the start method: when the consumer dies (even
+    # by SIGKILL) the kernel closes its end, and a worker is never more than slots_per_worker batches away
+    # from blocking in conn.recv(), which then raises EOFError (a send raises BrokenPipeError). A parent-pid
+    # check would not do: under forkserver a worker's parent is the forkserver, not the consumer. (The
+    # forkserver itself exits when the consumer's alive pipe to it closes.)
+    _ignore_trainer_signals()  # the consumer owns the workers' lifetime; SIGKILL still works
+    for consumer_end in inherited:  # fork only: see ImageReader.start
+        consumer_end.close()
     try:
         try:
             import cv2
@@ -453,12 +487,10 @@ def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn,
                 if message is None:
                     return
                 free.append(message)
-            if os.getppid() != parent:
-                return  # orphaned: the consumer is gone
             slot = free.popleft()
             started = time.perf_counter()
-            count = producer.fill(slot, seq)
-            conn.send(("batch", seq, slot, count, time.perf_counter() - started))
+            count, skipped = producer.fill(slot, seq)
+            conn.send(("batch", seq, slot, count, time.perf_counter() - started, skipped))
             seq += config.num_workers
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the consumer closed the pipe: shut down quietly
@@ -576,11 +608,10 @@ class ImageReader:
         if meta.record_height is None:
             raise ReaderError(f"{config.database}: records differ in size; rebuild it with "
                               "--use_tiling 1 so every record has one shape")
-        for side, name in ((meta.record_height, "height"), (meta.record_width, "width")):
-            if side % config.size_multiple:
-                raise ReaderError(f"{config.database}: record {name} {side} is not a multiple of the "
-                                  f"model's size multiple {config.size_multiple}; rebuild with a tile "
-                                  "size that is")
+        problem = records.check_size_multiple(meta.record_height, meta.record_width, config.size_multiple,
+                                              config.database)
+        if problem:
+            raise ReaderError(f"{problem}; rebuild with a tile size that is")
         if config.max_instances > 0 and not meta.has_instances:
             logger.warning("%s has no instance labels; instance outputs will be empty", config.database)
         self.plan = Plan(config, meta)
@@ -603,6 +634,10 @@ class ImageReader:
         self._batches = 0
         self._produced = 0
         self._busy_seconds = 0.0
+        self._skipped: dict[int, int] = {}  # batch seq -> corrupt records skipped in it (skip_corrupt)
+        #: corrupt records skipped in the batches handed out so far, and in the current test pass
+        self.skipped_records = 0
+        self.pass_skipped_records = 0
         self._start_time = None
 
     # -- life cycle
@@ -623,8 +658,11 @@ class ImageReader:
                 self._slots.unlink()  # children inherit the mapping; nothing left to find in /dev/shm
             for worker_id in range(cfg.num_workers):
                 parent_conn, child_conn = ctx.Pipe(duplex=True)
+                # a forked child inherits the consumer's ends of its own and earlier workers' pipes: it must
+                # close them, or its pipe would never report EOF when the consumer dies
+                inherited = [*self._conns, parent_conn] if method == "fork" else []
                 proc = ctx.Process(target=_worker_main, name=f"imagereader-{worker_id}", daemon=True,
-                                   args=(worker_id, cfg, self._slots, child_conn, self.plan))
+                                   args=(worker_id, cfg, self._slots, child_conn, self.plan, inherited))
                 with _main_module_hidden(method):
                     proc.start()
                 child_conn.close()
@@ -664,6 +702,7 @@ class ImageReader:
         self.start()
         if self.config.mode == "test":
             self._pass_remaining = self.plan.batches_per_pass
+            self.pass_skipped_records = 0
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -695,6 +734,9 @@ class ImageReader:
             depth = 0  # the consumer found the queue empty
         self._watch_starvation(depth)
         worker, slot, count = self._ready.pop(seq)
+        skipped = self._skipped.pop(seq, 0)
+        self.skipped_records += skipped
+        self.pass_skipped_records += skipped
         self._next_seq += 1
         self._batches += 1
         self._held = (worker, slot)
@@ -754,10 +796,11 @@ class ImageReader:
     def _handle(self, worker: int, message) -> None:
         kind = message[0]
         if kind == "batch":
-            _, seq, slot, count, busy = message
+            _, seq, slot, count, busy, skipped = message
             self._ready[seq] = (worker, slot, count)
             self._produced += 1
             self._busy_seconds += busy
+            self._skipped[seq] = skipped
         elif kind == "warning":
             logger.warning("reader worker %d: %s", worker, message[1])
         elif kind == "error":
@@ -829,6 +872,7 @@ class ImageReader:
             "producer_batches_per_s": self._produced / elapsed,
             "worker_seconds_per_batch": busy,
             "starvation_events": self._starvation_events,
+            "skipped_records": self.skipped_records,
         }
 
     def suggestion(self) -> str:

@@ -357,9 +357,27 @@ def test_corrupt_record_names_its_key_or_is_skipped(small_db, tmp_path, caplog):
         with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="test", num_workers=2)) as reader:
             list(reader)
     caplog.set_level(logging.WARNING)
-    with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="test", skip_corrupt=True)) as reader:
-        indices = [int(i) for b in reader for i in b["index"]]
-    assert 7 not in indices and indices.count(8) == 2
+    # skipped within the shard and within exact-once: every other record of the shard once, the skip counted
+    for shard in range(2):
+        config = ReaderConfig(str(copy), batch_size=4, mode="test", skip_corrupt=True, shard_index=shard,
+                              num_shards=2)
+        with ImageReader(config) as reader:
+            for _ in range(2):
+                indices = [int(i) for b in reader for i in b["index"]]
+                expected = [i for i in range(shard, 22, 2) if i != 7]
+                assert indices == expected
+                assert reader.pass_skipped_records == (1 if shard == 1 else 0)
+    with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="test", skip_corrupt=True, shard_index=1,
+                                  num_shards=2, batches_per_pass=3)) as reader:  # padded: the row is padding
+        batches = list(reader)
+        valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
+        assert sorted(np.concatenate([b["index"] for b in batches])[valid].tolist()) == [1, 3, 5, 9, 11, 13, 15,
+                                                                                          17, 19, 21]
+        assert reader.stats()["skipped_records"] == 1
+    with ImageReader(ReaderConfig(str(copy), batch_size=4, mode="train", skip_corrupt=True, shard_index=1,
+                                  num_shards=2, seed=0)) as reader:  # train: the shard's next record instead
+        drawn = [int(i) for _ in range(6) for i in reader.next_batch()["index"]]
+        assert 7 not in drawn and all(i % 2 == 1 for i in drawn)
     assert any("00000007" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
 
 
@@ -432,7 +450,8 @@ def test_script_without_main_guard_works_and_workers_skip_its_imports(small_db, 
 
 def test_importing_reader_or_augment_does_not_import_tensorflow():
     result = _run_script("""
-        import sys, imagereader, augment, records, normalization
+        import sys, imagereader, augment
+        from enki_seg.data import records, normalization
         assert "tensorflow" not in sys.modules, "tensorflow imported"
         print("ok")
     """)
@@ -529,3 +548,47 @@ def test_padded_test_passes_give_every_shard_the_same_full_batches(small_db):
     with pytest.raises(ReaderError, match="batches_per_pass=1"):
         with ImageReader(ReaderConfig(str(test), batch_size=2, mode="test", batches_per_pass=1)) as reader:
             list(reader)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_workers_never_outlive_a_killed_consumer(small_db, method):
+    """kill -9 of the consumer: its workers (and the forkserver) notice through their pipes and exit;
+    no process and no shared-memory entry is left after a few seconds."""
+    train, _ = small_db
+    before = _shm_entries()
+    code = textwrap.dedent(f"""
+        import sys, time
+        from multiprocessing import forkserver
+        from imagereader import ImageReader, ReaderConfig
+        reader = ImageReader(ReaderConfig({str(train)!r}, batch_size=2, num_workers=2,
+                                          start_method={method!r})).start()
+        reader.next_batch()
+        pids = [p.pid for p in reader._processes]
+        server = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if {method!r} == "forkserver" and server:
+            pids.append(server)
+        print(" ".join(map(str, pids)), flush=True)
+        time.sleep(120)
+    """)
+    consumer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pids = [int(p) for p in consumer.stdout.readline().split()]
+        assert len(pids) == (3 if method == "forkserver" else 2), pids
+        os.kill(consumer.pid, signal.SIGKILL)
+        consumer.wait(timeout=10)
+
+        def alive(pid):
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # zombies are gone
+            except (FileNotFoundError, IndexError):
+                return False
+
+        deadline = time.monotonic() + 8
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if alive(p)], "a reader process outlived its consumer"
+        assert _shm_entries() <= before
+    finally:
+        consumer.kill()
+        consumer.wait()
