@@ -5,7 +5,7 @@ The random part and the deterministic part are separate (as in detectron2):
     params = sample_params(rng, config, (height, width))
     image = apply_image(image, params)                 # (H, W, C) float32
     semantic_mask = apply_labels(semantic_mask, params)  # (H, W) integer, nearest neighbour
-    instance_labels = apply_labels(instance_labels, params)
+    instance_labels, instance_classes = apply_instance_labels(instance_labels, instance_classes, params)
     boxes, box_classes, box_ids = boxes_from_instances(instance_labels, instance_classes)
 
 or, in one call, ``augment_example(rng, config, image, semantic_mask, ...)``.
@@ -13,8 +13,13 @@ or, in one call, ``augment_example(rng, config, image, semantic_mask, ...)``.
 The geometric part (reflection, rotation, scale, jitter, crop-and-resize) is composed into a single
 2x3 affine and applied as ONE ``cv2.warpAffine`` (or one ``cv2.remap`` when the elastic displacement
 is on), so the image is interpolated once, not once per transform as in NIST's scripts. Labels use
-the same matrix with nearest-neighbour sampling, so a label never takes a value absent from the
-input (only 0 can appear, from a "constant" border).
+the same matrix with nearest-neighbour sampling, so a semantic label never takes a value absent from
+the input (only 0 can appear, from a "constant" border).
+
+With the "reflect" border the image shows mirror copies of the objects near its edges. The semantic
+mask is reflected with it (it labels what the image shows), and so are the instance labels, except
+that every mirror copy gets an id of its own (``apply_instance_labels``): an id never covers an
+object and its reflection at once.
 
 Coordinates follow OpenCV: a point is (x, y) = (column, row) and pixel centres sit on integers, so
 the image centre is ((W - 1) / 2, (H - 1) / 2).
@@ -89,8 +94,8 @@ class AugmentConfig:
         elastic_alpha: 0 = off; else add a smooth random displacement field whose largest
             magnitude per axis is ``elastic_alpha`` pixels.
         elastic_sigma: smoothness (Gaussian sigma, pixels) of the elastic displacement field.
-        border_mode: "reflect" (mirror, no repeated edge pixel) or "constant" (image and labels
-            filled with 0).
+        border_mode: "reflect" (mirror, no repeated edge pixel; mirrored objects get their own
+            instance ids) or "constant" (image and labels filled with 0).
     Photometric (image only, in this order, after the warp):
         blur_max_sigma: Gaussian blur with sigma uniform in [0, blur_max_sigma] pixels, each
             channel on its own (never across channels).
@@ -571,7 +576,8 @@ def apply_labels(labels: np.ndarray, params: AugmentParams) -> np.ndarray:
     """Apply the geometric part of ``params`` to a label map with nearest-neighbour sampling.
 
     Args:
-        labels: (H, W) integer or bool array (semantic classes or instance ids). Not modified.
+        labels: (H, W) integer or bool array, e.g. semantic classes (instance ids go through
+            ``apply_instance_labels``, which gives mirror copies ids of their own). Not modified.
         params: the same params given to ``apply_image``; output pixel centres sample exactly the
             source positions the image warp uses.
 
@@ -613,8 +619,80 @@ def apply_labels(labels: np.ndarray, params: AugmentParams) -> np.ndarray:
     return values[_warp_labels_cv2(indices, params, fill=zero_index)]
 
 
-# Name used in the project style guide (`apply_mask(mask, params)`).
-apply_mask = apply_labels
+def _mirror_copy_index(position: np.ndarray, size: int) -> np.ndarray:
+    """Which copy of the image a source coordinate falls in under "reflect" (BORDER_REFLECT_101).
+
+    0 is the image itself, [0, size - 1]; -1 the reflection beyond its first row/column,
+    [-(size - 1), -1]; +1 the one beyond its last, [size, 2 * (size - 1)]; and so on outwards.
+    BORDER_REFLECT_101 does not repeat the mirror axes (rows/columns 0 and size - 1): they belong
+    to the image itself.
+    """
+    period = max(size - 1, 1)
+    return np.where(position > 0, (position - 1) // period, position // period)
+
+
+def apply_instance_labels(
+    instance_labels: np.ndarray, instance_classes: np.ndarray, params: AugmentParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the geometric part of ``params`` to an instance-label map; mirror copies get new ids.
+
+    Args:
+        instance_labels: (H, W) non-negative integer array; 0 is background, id i >= 1 is the object
+            of class ``instance_classes[i - 1]``. Not modified.
+        instance_classes: (N,) integer class of each id; ids above N raise ValueError.
+        params: the same params given to ``apply_image`` and ``apply_labels``.
+
+    Returns:
+        instance_labels: (H, W) int32. A pixel whose source lies in the image keeps its id; with the
+            "reflect" border, a pixel showing a mirror copy of object i gets id N + k, one new id per
+            (object, copy), numbered in order of (i, copy row, copy column).
+        instance_classes: (N + K,) the input classes followed by the class of each new id (that of
+            the object it mirrors).
+
+    Why new ids rather than the source id or 0: a mirror copy is a real-looking object in the image
+    (and foreground in the reflected semantic mask). Keeping the source id made one id cover the
+    object and its reflection, so the box spanned both and the Mask R-CNN mask target trained on two
+    pieces; labelling the copy background (a constant-0 border) would teach the detector to reject
+    objects the image plainly shows. So every copy is an object of its own, with the class of the
+    original, and ``instance_labels > 0`` equals the warped semantic foreground. The price: an object
+    cut by the image edge meets its reflection along that edge, and the two halves are labelled as
+    two touching objects, as touching nuclei are.
+    """
+    instance_labels = np.asarray(instance_labels)
+    instance_classes = np.asarray(instance_classes)
+    _check_shape(instance_labels, params, "instance_labels")
+    if instance_labels.ndim != 2:
+        raise ValueError(f"instance_labels must be (H, W), got shape {instance_labels.shape}")
+    if not np.issubdtype(instance_labels.dtype, np.integer):
+        raise TypeError(f"instance_labels must have an integer dtype, got {instance_labels.dtype}")
+    num_instances = len(instance_classes)
+    if instance_labels.size and (instance_labels.min() < 0 or instance_labels.max() > num_instances):
+        raise ValueError(
+            f"instance ids must be in 0..{num_instances} (one class each), found "
+            f"{int(instance_labels.min())}..{int(instance_labels.max())}"
+        )
+    warped = apply_labels(instance_labels, params).astype(np.int32)
+    if params.border_mode != "reflect" or params.is_geometric_identity or params.flip_axes is not None:
+        return warped, instance_classes.copy()  # no pixel comes from a reflection
+
+    # The same nearest source pixels as apply_labels used, before the border folds them back inside.
+    source = _nearest_source_map(params)
+    source_x, source_y = source[:, :, 0], source[:, :, 1]  # int16
+    height, width = params.shape
+    mirrored = (warped > 0) & ((source_x < 0) | (source_x >= width) | (source_y < 0) | (source_y >= height))
+    if not mirrored.any():
+        return warped, instance_classes.copy()
+    # one integer key per (source id, copy row, copy column), ordered as that tuple
+    copy_row = _mirror_copy_index(source_y[mirrored].astype(np.int64), height)
+    copy_column = _mirror_copy_index(source_x[mirrored].astype(np.int64), width)
+    copy_row -= copy_row.min()
+    copy_column -= copy_column.min()
+    rows, columns = int(copy_row.max()) + 1, int(copy_column.max()) + 1
+    keys = (warped[mirrored].astype(np.int64) * rows + copy_row) * columns + copy_column
+    unique_keys, copy_index = np.unique(keys, return_inverse=True)
+    warped[mirrored] = num_instances + 1 + copy_index.reshape(-1)
+    mirrored_ids = unique_keys // (rows * columns)
+    return warped, np.concatenate([instance_classes, instance_classes[mirrored_ids - 1]])
 
 
 def boxes_from_instances(
@@ -678,9 +756,10 @@ def augment_example(
 
     Returns:
         dict with "image" (H, W, C) float32, "semantic_mask" (H, W) same dtype or None,
-        "instance_labels" (H, W) same dtype or None, and, when instance_labels is given,
-        "boxes" (M, 4) float32 [y0, x0, y1, x1], "box_classes" (M,) int32 and "box_ids" (M,) int32
-        recomputed from the warped instance labels (else None).
+        "instance_labels" (H, W) int32 or None and "instance_classes" (N + K,) or None (see
+        ``apply_instance_labels``: mirror copies get ids above N), and, when instance_labels is
+        given, "boxes" (M, 4) float32 [y0, x0, y1, x1], "box_classes" (M,) int32 and "box_ids" (M,)
+        int32 recomputed from the warped instance labels (else None).
     """
     if instance_labels is not None and instance_classes is None:
         raise ValueError("instance_classes is required when instance_labels is given")
@@ -689,12 +768,14 @@ def augment_example(
         "image": apply_image(image, params),
         "semantic_mask": None if semantic_mask is None else apply_labels(semantic_mask, params),
         "instance_labels": None,
+        "instance_classes": None,
         "boxes": None,
         "box_classes": None,
         "box_ids": None,
     }
     if instance_labels is not None:
-        warped = apply_labels(instance_labels, params)
-        boxes, box_classes, box_ids = boxes_from_instances(warped, instance_classes)
-        result.update(instance_labels=warped, boxes=boxes, box_classes=box_classes, box_ids=box_ids)
+        warped, classes = apply_instance_labels(instance_labels, instance_classes, params)
+        boxes, box_classes, box_ids = boxes_from_instances(warped, classes)
+        result.update(instance_labels=warped, instance_classes=classes)
+        result.update(boxes=boxes, box_classes=box_classes, box_ids=box_ids)
     return result

@@ -4,8 +4,9 @@
 
 Writes ``metrics.json``, ``metrics.csv`` and ``metrics_per_image.csv`` to ``--output_folder``
 (default: the prediction folder) and prints the table: per-class precision, recall, F1, IoU and Dice
-with micro/macro/weighted averages over all pixels of all images (``metrics.py``), the same code
-and files as ``inference.py --mask_folder``. No TensorFlow is imported.
+with micro/macro/weighted averages over all pixels of all images (``enki_seg.evaluation.metrics``),
+the same code and files as ``inference.py --mask_folder`` (``enki_seg.evaluation.semantic_evaluation``).
+No TensorFlow is imported.
 
 Exit codes: 0 every prediction scored; 1 some could not be (a missing mask, a size mismatch, a label
 outside [0, number_classes), an unreadable file: each reported in one line, the rest scored);
@@ -18,9 +19,10 @@ import logging
 import sys
 from pathlib import Path
 
+from enki_seg import cli, exit_codes
 from enki_seg.data import image_io
 from enki_seg.evaluation import metrics as seg_metrics
-from enki_seg.inference.semantic import Evaluation
+from enki_seg.evaluation.semantic_evaluation import Evaluation
 
 logger = logging.getLogger("evaluate")
 
@@ -36,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    cli.setup_logging()
     try:
         if args.number_classes < 1:
             raise image_io.InputError(f"--number_classes must be >= 1, got {args.number_classes}")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
         output.mkdir(parents=True, exist_ok=True)
     except (image_io.InputError, OSError) as exc:
         logger.error("%s", exc)
-        return 2
+        return exit_codes.BAD_INPUT
     evaluation = Evaluation(args.number_classes, args.class_names)
     failures = []
     for stem, path in sorted(predictions.items()):
@@ -70,15 +72,15 @@ def main(argv=None) -> int:
             failures.append(str(exc))
     if not evaluation.rows:
         logger.error("no prediction could be scored")
-        return 2
+        return exit_codes.BAD_INPUT
     scores = evaluation.write(output)
     print(seg_metrics.format_table(scores), flush=True)
     logger.info("%d prediction(s) scored: %s, %s", len(evaluation.rows), output / "metrics.json",
                 output / "metrics.csv")
     if failures:
         logger.error("%d of %d prediction(s) could not be scored", len(failures), len(predictions))
-        return 1
-    return 0
+        return exit_codes.FAILED
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

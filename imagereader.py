@@ -61,7 +61,7 @@ from multiprocessing import connection
 import numpy as np
 
 import augment
-from enki_seg.data import records
+from enki_seg.data import instance_targets, records
 from enki_seg.data.normalization import Normalization
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,9 @@ class ReaderConfig:
     slots_per_worker: batch slots each worker owns (queue capacity = num_workers * slots_per_worker).
     size_multiple: records' height and width must be multiples of this (the model's downsampling).
     max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
+    instance_target: "" (the records' semantic masks) or "boundary": ``semantic_mask`` is derived from
+        the (augmented) instance labels as background 0 / interior 1 / boundary 2
+        (``enki_seg.data.instance_targets``), for instance segmentation with a semantic model.
     skip_corrupt: skip a corrupt record with a warning instead of failing: train mode uses the shard's
         next record instead, test mode leaves it out (``skipped_records``/``pass_skipped_records``
         count them), so every other record is still read exactly once per pass.
@@ -124,6 +127,7 @@ class ReaderConfig:
     slots_per_worker: int = 3
     size_multiple: int = 1
     max_instances: int = 0
+    instance_target: str = ""
     skip_corrupt: bool = False
     copy: bool = False
     start_method: str | None = None
@@ -136,6 +140,8 @@ class ReaderConfig:
             raise ValueError("batch_size and num_workers must be >= 1 and slots_per_worker >= 2")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} not in [0, num_shards={self.num_shards})")
+        if self.instance_target not in ("", *instance_targets.TARGETS):
+            raise ValueError(f"instance_target {self.instance_target!r} is not one of {instance_targets.TARGETS}")
         if self.batches_per_pass < 0 or (self.batches_per_pass and self.mode != "test"):
             raise ValueError("batches_per_pass must be >= 0 and is for test mode only")
         if self.start_method not in (None, "fork", "spawn", "forkserver"):
@@ -390,10 +396,16 @@ class _Producer:
             warped = augment.apply_image(example.image, params)
             self.normalization.apply(warped, out=image_out)
             semantic = augment.apply_labels(semantic, params)
-            if instance is not None and self.config.max_instances > 0:
+            if instance is not None and (self.config.max_instances > 0 or self.config.instance_target):
                 instance, instance_classes = augment.apply_instance_labels(instance, instance_classes, params)
         else:
             self.normalization.apply(example.image, out=image_out)
+        if self.config.instance_target:
+            if instance is None:
+                raise ReaderError(f"{self.config.database}: record {index} has no instance labels, which "
+                                  f"instance_target={self.config.instance_target!r} needs; rebuild with "
+                                  "--instance_folder")
+            semantic = instance_targets.boundary_classes(instance)  # after the warp: the rim follows it
         arrays["semantic_mask"][slot, j] = semantic
         arrays["index"][slot, j] = index
         if self.config.max_instances > 0:
@@ -612,6 +624,9 @@ class ImageReader:
                                               config.database)
         if problem:
             raise ReaderError(f"{problem}; rebuild with a tile size that is")
+        if config.instance_target and not meta.has_instances:
+            raise ReaderError(f"{config.database} has no instance labels, which instance_target="
+                              f"{config.instance_target!r} needs; rebuild it with --instance_folder (or --coco_json)")
         if config.max_instances > 0 and not meta.has_instances:
             logger.warning("%s has no instance labels; instance outputs will be empty", config.database)
         self.plan = Plan(config, meta)

@@ -1,15 +1,153 @@
-"""Segments a folder of images of any size with a trained run (UNet/FC-DenseNet or Mask R-CNN).
+"""Segments a folder of images of any size with a trained run: semantic (UNet, FC-DenseNet) or instance (Mask R-CNN).
 
     python inference.py --model runs/hes --image_folder imgs --output_folder preds \\
         --image_format tif --mask_folder masks --save_overlay 1
 
-The work is done by ``enki_seg.inference``; see the README's Inference section for the outputs.
+``--model`` is a run folder of train_unet.py or train_maskrcnn.py (or the ``model.keras`` inside it);
+the model, classes, channels, normalization and default tile size come from its ``config.json``,
+and its model name picks the path:
+
+* semantic runs (``enki_seg.inference.semantic``): for each input ``a.tif``, ``OUT/a.tif`` (label
+  mask, smallest integer type: uint8 for < 256 classes, zlib-compressed TIFF, or ``--output_format
+  png``), with ``--save_overlay 1`` ``OUT/overlays/a.png`` (image with the classes tinted), with
+  ``--save_probabilities 1`` ``OUT/probabilities/a.tif`` (float16 softmax, one page per class,
+  (K, H, W)), and with ``--mask_folder`` (masks matched by file stem) ``OUT/metrics.json``,
+  ``OUT/metrics.csv`` (per class precision/recall/F1/IoU/Dice and micro/macro/weighted averages
+  over all pixels of all images) and ``OUT/metrics_per_image.csv``. ``--margin`` overrides the
+  measured receptive field that decides how much of each tile is kept.
+* boundary-target runs (``train_unet.py --instance_target boundary``; ``enki_seg.inference.watershed``):
+  the semantic model's interior/boundary probabilities, stitched over tiles, then a seeded watershed
+  gives instances; the outputs and metrics are those of maskrcnn runs below.
+* maskrcnn runs (``enki_seg.inference.instance``): tiled detection merged across tiles, ``OUT/a.tif``
+  instance labels, ``OUT/detections.json`` (COCO results), overlays of instance outlines, and with
+  ``--mask_folder`` of instance labels (plus ``--class_folder`` of semantic masks when there are
+  several object classes) COCO box/mask AP in ``OUT/metrics.json``; ``--score_threshold`` and
+  ``--overlap`` tune it.
+
+Files are written under a hidden temporary name and renamed when complete, so a killed run never
+leaves a mask that looks finished; leftovers of killed runs are removed at the next start.
+
+Exit codes (``enki_seg.exit_codes``): 0 every image done; 1 some images failed (each reported in one
+line naming the file, the rest processed, a summary at the end); 2 nothing done: bad arguments, a
+missing or incomplete run, an empty image folder, images whose channel count does not match the model's.
 """
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
+from pathlib import Path
 
-from enki_seg.inference.semantic import main, parse_args  # noqa: F401
+from enki_seg import cli, exit_codes
+from enki_seg.data import image_io
+from enki_seg.files import remove_leftovers
+from enki_seg.inference import core, instance, semantic, watershed
+from enki_seg.inference.core import InferenceError
+
+logger = logging.getLogger("inference")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="inference", description="Segment a folder of images with a trained run.")
+    p.add_argument("--model", required=True, help="run folder of train_unet.py or train_maskrcnn.py, or the model.keras inside it")
+    p.add_argument("--image_folder", required=True, help="images to segment (not recursive)")
+    p.add_argument("--output_folder", required=True, help="masks, overlays/, probabilities/, metrics go here")
+    p.add_argument("--image_format", default="tif", help="tif (also .tiff), png or jpg (default tif)")
+    p.add_argument("--mask_folder", help="ground-truth masks matched by file stem: writes metrics.json/.csv")
+    p.add_argument("--tile_size", type=int, help="model input tile (default: the training tile/record size)")
+    p.add_argument("--batch_size", type=int, default=4, help="tiles per model call (default 4)")
+    p.add_argument("--margin", type=int,
+                   help="pixels kept from tile edges (default: the measured receptive field, at most tile/4)")
+    p.add_argument("--save_overlay", type=int, choices=(0, 1), default=0, help="OUT/overlays/NAME.png")
+    p.add_argument("--save_probabilities", type=int, choices=(0, 1), default=0,
+                   help="OUT/probabilities/NAME.tif: float16 softmax, one page per class")
+    p.add_argument("--output_format", choices=("tif", "png"), default="tif", help="label mask format (tif)")
+    p.add_argument("--verbose", type=int, choices=(0, 1), default=0,
+                   help="1 keeps TensorFlow's start-up and INFO lines (default 0: hidden)")
+    instances = p.add_argument_group("maskrcnn runs")
+    instances.add_argument("--score_threshold", type=float, help="ignore detections scoring below it (default 0.5)")
+    instances.add_argument("--overlap", type=int,
+                           help="pixels shared by neighbouring tiles, at least the largest object (default tile/4)")
+    instances.add_argument("--class_folder",
+                           help="semantic masks matched by stem giving each --mask_folder instance its class "
+                                "(needed with more than one object class)")
+    return p.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> core.Job:
+    """Every check that needs no model: run folder, flags for its kind, folders, file list, channels, label format."""
+    run = core.load_run_info(args.model)
+    instances = run.model_name == instance.MODEL_NAME or bool(run.instance_target)
+    if run.model_name == instance.MODEL_NAME:
+        instance.check_arguments(run, args)
+    elif args.score_threshold is not None or args.overlap is not None or args.class_folder:
+        raise InferenceError(f"--score_threshold, --overlap and --class_folder are for maskrcnn runs; "
+                             f"{run.folder} is a {run.model_name} run — drop them")
+    elif run.instance_target and args.save_probabilities:
+        raise InferenceError(f"{run.folder} is an instance run (a {run.model_name} trained on "
+                             f"{run.instance_target} targets): it writes instance labels — drop --save_probabilities")
+    image_folder, output = Path(args.image_folder), Path(args.output_folder)
+    if image_folder.is_dir() and output.resolve() == image_folder.resolve():
+        raise InferenceError(f"--output_folder {output} is the image folder; masks would overwrite the inputs — "
+                             "choose another folder")
+    try:
+        files = core.list_inputs(image_folder, args.image_format, output)
+        masks = image_io.index_by_stem(args.mask_folder, "mask") if args.mask_folder else None
+        class_masks = image_io.index_by_stem(args.class_folder, "class mask") if args.class_folder else None
+    except image_io.InputError as exc:
+        raise InferenceError(str(exc)) from None
+    core.check_channels(files, run.channels, f"the model in {run.folder}")
+    if args.output_format == "png" and not instances and run.label_dtype.itemsize > 2:
+        raise InferenceError(f"{run.num_classes} classes do not fit a PNG mask (16 bits at most); "
+                             "use --output_format tif")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        for sub, wanted in (("overlays", args.save_overlay), ("probabilities", args.save_probabilities)):
+            if wanted:
+                (output / sub).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"cannot create --output_folder {output}: {exc.strerror}") from None
+    if not os.access(output, os.W_OK):
+        raise InferenceError(f"--output_folder {output} is not writable")
+    for folder in (output, output / "overlays", output / "probabilities"):
+        if (count := remove_leftovers(folder)):
+            logger.info("removed %d incomplete file(s) of an interrupted run from %s", count, folder)
+    return core.Job(run=run, files=files, output=output, masks=masks, class_masks=class_masks)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.quiet_tensorflow(args.verbose)  # before anything imports TensorFlow (the model loads below)
+    cli.setup_logging(args.verbose)
+    try:
+        job = prepare(args)
+        run = job.run
+        logger.info("%d image(s) from %s; model %s (%s, %d classes, %d channel(s), %s normalization)",
+                    len(job.files), args.image_folder, run.model_path, run.model_name, run.num_classes,
+                    run.channels, run.normalization.method)
+        if run.model_name == instance.MODEL_NAME:
+            detector = instance.load_detector(run, args)
+            logger.info("tiles of %d px, overlap %d px, %d tiles per batch, score threshold %.2f", detector.tile_size,
+                        detector.overlap, detector.batch_size, detector.score_threshold)
+        else:
+            segmenter = semantic.Segmenter(run, tile_size=args.tile_size, batch_size=args.batch_size,
+                                           margin=args.margin)
+            logger.info("tiles of %d px, stride %d px, margin %d px, %d tiles per batch", segmenter.tile_size,
+                        segmenter.stride, segmenter.margin, segmenter.batch_size)
+            if run.instance_target:
+                detector = watershed.BoundaryDetector(segmenter)
+                logger.info("instances from %s targets by seeded watershed (%s)", run.instance_target,
+                            detector.config)
+    except InferenceError as exc:
+        logger.error("%s", exc)
+        return exit_codes.BAD_INPUT
+    if run.model_name == instance.MODEL_NAME:
+        return instance.detect_folder(job, detector, args)
+    if run.instance_target:
+        return instance.detect_folder(job, detector, args, categories=[{"id": 1, "name": "object"}])
+    return semantic.segment_folder(job, segmenter, args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 The databases come from ``build_lmdb.py --instance_folder ...`` or ``--coco_json ...``;
 ``--number_classes`` counts background (TAO's convention: object classes 1..K, so K + 1). The same
 reader, augmentation, flags, checkpoints, resume, SIGTERM/SIGUSR1 handling (exit 75), NaN exit (3),
-TensorBoard and exports as ``train_unet.py`` (both are ``trainer.Trainer``s). Each test interval runs
+TensorBoard and exports as ``train_unet.py`` (both are ``loop.Trainer``s). Each test interval runs
 the model over the whole test database and scores it with pycocotools: box and mask AP, AP50, AP75.
 Early stopping watches ``--monitor`` (mask_ap by default; box_ap, mask_ap50 or loss).
 
@@ -15,220 +15,42 @@ Model settings: ``--preset small`` (GroupNorm backbone, FPN P2-P4 at 64 channels
 tiles) or ``resnet50`` / ``resnet101`` (TAO-like, FPN P2-P6 at 256 channels); any field of
 ``models.maskrcnn.MaskRCNNConfig`` can be set with ``--maskrcnn KEY=VALUE`` (repeatable) or the
 ``maskrcnn:`` mapping of a ``--config`` file, e.g. ``--maskrcnn rpn_batch_size_per_im=128``.
+
+The trainer is ``enki_seg.training.maskrcnn``; this script only wires the command line to it.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
+from enki_seg import cli, exit_codes
+from enki_seg.training.errors import TrainError
+from enki_seg.training.loop import run_main
+from enki_seg.training.maskrcnn import MaskRCNNTrainer, add_arguments, build_config
 
-from enki_seg.evaluation import coco_ap as coco_eval
-from enki_seg.training import common
-from enki_seg.training import loop as trainer
-from enki_seg.training.common import TrainError
-
-MONITORS = {"loss": "min", "mask_ap": "max", "box_ap": "max", "mask_ap50": "max", "box_ap50": "max"}
-
-
-@dataclass
-class MaskRCNNTrainConfig(trainer.BaseTrainConfig):
-    """All settings of a Mask R-CNN run; saved in config.json. Flags map onto these fields one to one."""
-
-    batch_size: int = 4                  # per replica
-    learning_rate: float = 1e-3
-    monitor: str = "mask_ap"             # loss | mask_ap | box_ap | mask_ap50 | box_ap50
-    preset: str = "small"                # small | resnet50 | resnet101
-    maskrcnn: dict = field(default_factory=dict)  # overrides of MaskRCNNConfig fields
-    max_num_instances: int = 100         # objects per training tile beyond this are dropped (largest kept)
-    eval_score_threshold: float = 0.05   # COCO evaluation keeps detections above this score
-    gradient_clip_norm: float = 10.0     # global norm; early RPN/ROI losses spike without it (0 = off)
-
-    def model_config(self):
-        from models.maskrcnn import MaskRCNNConfig
-
-        base = MaskRCNNConfig.preset(self.preset).to_dict()
-        return MaskRCNNConfig.from_dict({**base, **self.maskrcnn, "max_num_instances": self.max_num_instances})
+logger = logging.getLogger("train_maskrcnn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train_maskrcnn", description="Train a Mask R-CNN instance segmentation model.",
                                 argument_default=argparse.SUPPRESS)
-    trainer.add_common_arguments(p, tuple(MONITORS), MaskRCNNTrainConfig())
-    p.add_argument("--preset", choices=("small", "resnet50", "resnet101"), help="model size (small)")
-    p.add_argument("--maskrcnn", action="append", metavar="KEY=VALUE",
-                   help="override one MaskRCNNConfig field, e.g. --maskrcnn rpn_batch_size_per_im=128")
-    p.add_argument("--backbone_weights", help="local weights file for the ResNet backbone (default: from scratch)")
-    p.add_argument("--max_num_instances", type=int, help="objects per tile kept for training (100)")
-    p.add_argument("--eval_score_threshold", type=float, help="detections scored in COCO evaluation (0.05)")
-    p.add_argument("--gradient_clip_norm", type=float, help="clip gradients to this global norm (10; 0 = off)")
+    add_arguments(p)
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> MaskRCNNTrainConfig:
-    import yaml
-
-    overrides = {}
-    for item in getattr(args, "maskrcnn", None) or []:
-        if "=" not in item:
-            raise TrainError(f"--maskrcnn {item!r} must be KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    if getattr(args, "backbone_weights", None):
-        overrides["backbone_weights"] = args.backbone_weights
-    flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("maskrcnn", "backbone_weights")})
-    config = trainer.build_config(flags, MaskRCNNTrainConfig)
-    config.maskrcnn = {**config.maskrcnn, **overrides}
-    if config.monitor not in MONITORS:
-        raise TrainError(f"--monitor {config.monitor!r} must be one of {', '.join(MONITORS)}")
-    if config.number_classes < 2:
-        raise TrainError("--number_classes counts background too: use 2 for one object class")
-    if config.max_num_instances < 1:
-        raise TrainError("--max_num_instances must be >= 1")
-    try:
-        config.model_config()
-    except (ValueError, TypeError) as exc:
-        raise TrainError(f"Mask R-CNN settings: {exc}") from None
-    weights = config.maskrcnn.get("backbone_weights")
-    if weights and not Path(weights).is_file():
-        raise TrainError(f"--backbone_weights {weights} does not exist")
-    return config
-
-
-class MaskRCNNTrainer(trainer.Trainer):
-    """Instance segmentation: RPN + box + mask losses; COCO AP on the test database at each interval."""
-
-    MONITOR_MODES = MONITORS
-
-    @property
-    def reader_options(self) -> dict:
-        return {"max_instances": self.config.max_num_instances}
-
-    @staticmethod
-    def check_databases(config):
-        train, test = trainer.check_databases(config)
-        for meta, name in ((train, "train_database"), (test, "test_database")):
-            if not meta.has_instances:
-                raise TrainError(
-                    f"--{name} {getattr(config, name)} holds no instance labels; Mask R-CNN needs them: build it "
-                    "with build_lmdb.py --instance_folder FOLDER (one label image per image, 0 = background) or "
-                    "--coco_json FILE")
-        return train, test
-
-    def create_model(self):
-        from models.maskrcnn import MaskRCNN
-
-        return MaskRCNN(self.config.model_config(), input_channels=self.train_meta.channels,
-                        num_classes=self.config.number_classes)
-
-    def compute_loss(self, batch: dict):
-        tf = self.tf
-        per_image = self.model.compute_losses(batch["image"], batch["boxes"], batch["box_classes"],
-                                              batch["num_instances"], batch["instance_labels"], training=True)
-        terms = {k: tf.nn.compute_average_loss(v, global_batch_size=self.global_batch) for k, v in per_image.items()}
-        return terms.pop("total"), terms
-
-    def _build_steps(self):
-        super()._build_steps()
-        tf, model = self.tf, self.model
-        if self.config.gradient_clip_norm > 0:
-            self.optimizer.global_clipnorm = self.config.gradient_clip_norm
-
-        # one trace for full and partial test batches alike (a Mask R-CNN graph takes seconds to trace)
-        meta, m = self.test_meta, self.config.max_num_instances
-        image = tf.TensorSpec((None, meta.record_height, meta.record_width, meta.channels), tf.float32)
-        signature = [image, tf.TensorSpec((None, m, 4), tf.float32), tf.TensorSpec((None, m), tf.int32),
-                     tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None, meta.record_height, meta.record_width),
-                                                                   tf.int32)]
-
-        @tf.function(input_signature=[image])
-        def detect(images):
-            return model(images, training=False)
-
-        @tf.function(input_signature=signature)
-        def test_losses(images, boxes, classes, counts, labels):
-            return model.compute_losses(images, boxes, classes, counts, labels, training=False)["total"]
-
-        self.detect, self.test_losses = detect, test_losses
-
-    def _build_data(self):
-        # training is distributed (each worker its shard); evaluation runs on every worker over the
-        # whole test database with its own copy of the weights: no collectives, equal results everywhere
-        from imagereader import ImageReader
-
-        self.train_dataset = self.strategy.distribute_datasets_from_function(self.reader_dataset_fn("train"))
-        self.train_iterator = iter(self.train_dataset)
-        self.test_reader = ImageReader(self.reader_config("test")).start()
-        self.readers.append(self.test_reader)
-
-    def evaluate(self) -> dict:
-        from models.maskrcnn import paste_masks
-
-        tf, cfg = self.tf, self.config
-        names = {int(k): v for k, v in self.train_meta.class_names.items()}
-        evaluator = coco_eval.CocoEvaluator(list(range(1, cfg.number_classes)), names or None)
-        loss_sum, count, overlays = 0.0, 0, []
-        for batch in self.test_reader:
-            images = tf.constant(batch["image"])
-            loss_sum += float(tf.reduce_sum(self.test_losses(
-                images, tf.constant(batch["boxes"]), tf.constant(batch["box_classes"]),
-                tf.constant(batch["num_instances"]), tf.constant(batch["instance_labels"]))))
-            out = {k: v.numpy() for k, v in self.detect(images).items()}
-            height, width = batch["image"].shape[1:3]
-            for i in range(len(batch["image"])):
-                n = int(out["num_detections"][i])
-                keep = np.flatnonzero(out["scores"][i, :n] >= cfg.eval_score_threshold)
-                boxes = out["boxes"][i, keep]
-                masks = paste_masks(boxes, out["masks"][i, keep], height, width)
-                labels = batch["instance_labels"][i]
-                gt_classes = batch["box_classes"][i, : int(batch["num_instances"][i])]
-                evaluator.add_image(count, height, width, labels, gt_classes, boxes, out["scores"][i, keep],
-                                    out["classes"][i, keep], masks)
-                if len(overlays) < cfg.test_images:
-                    overlays.append(self._overlay(batch["image"][i, ..., 0], masks, out["classes"][i, keep],
-                                                  out["scores"][i, keep], labels, gt_classes))
-                count += 1
-        if count != self.test_meta.record_count:
-            raise TrainError(f"test pass saw {count} examples, the test database has {self.test_meta.record_count}")
-        scores = evaluator.evaluate()
-        loss = loss_sum / max(count, 1)
-        row = {f"test_{k}": float(scores[k]) for k in
-               ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")}
-        monitor = {"loss": loss, "mask_ap": scores["mask_AP"], "box_ap": scores["box_AP"],
-                   "mask_ap50": scores["mask_AP50"], "box_ap50": scores["box_AP50"]}
-        return {"loss": loss, "monitor": monitor, "row": row, "overlays": overlays}
-
-    def _overlay(self, image, masks, classes, scores, labels, gt_classes):
-        """prediction | truth, objects tinted by class (detections above 0.5 score)."""
-        predicted = np.zeros(labels.shape, np.int32)
-        for k in np.argsort(scores):  # low to high: where objects overlap the higher score shows
-            if scores[k] >= 0.5:
-                predicted[masks[k]] = classes[k]
-        lut = np.concatenate([[0], gt_classes]).astype(np.int32)
-        truth = lut[np.clip(labels, 0, len(lut) - 1)]
-        n = self.config.number_classes
-        return np.concatenate([common.overlay(image, predicted, n), common.overlay(image, truth, n)], axis=1)
-
-    @property
-    def model_name(self) -> str:
-        return "maskrcnn"
-
-
 def main(argv=None) -> int:
-    # Grappler's cost model logs a screenful per CropAndResize with a dynamic ROI count on every trace;
-    # TF_CPP_MIN_LOG_LEVEL=2 keeps C++ errors (set it to 0 to see everything)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    trainer.setup_logging()
     args = parse_args(argv)
+    # also keeps Grappler's cost model quiet: it logs a screenful per CropAndResize with a dynamic ROI
+    # count on every trace (--verbose 1 shows it)
+    cli.quiet_tensorflow(args.verbose)
+    cli.setup_logging(args.verbose)
     try:
         config = build_config(args)
     except TrainError as exc:
-        trainer.logger.error("%s", exc)
-        return 2
-    return trainer.run_main(MaskRCNNTrainer, config, args, "train_maskrcnn")
+        logger.error("%s", exc)
+        return exit_codes.BAD_INPUT
+    return run_main(MaskRCNNTrainer, config, bool(args.resume), "train_maskrcnn")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ def peak_rss_run(command: list[str], log: Path) -> tuple[int, float, float]:
 
 
 def throughput(run: Path, side: int, batch_size: int, repeats: int = 3) -> dict:
-    from enki_seg.inference import semantic as inference
+    from enki_seg.inference import core, semantic
 
-    segmenter = inference.Segmenter(inference.load_run_info(run), batch_size=batch_size)
+    segmenter = semantic.Segmenter(core.load_run_info(run), batch_size=batch_size)
     image = synthetic_image(side, side, seed=1)[:, :, None]
     tiles = segmenter.plan(side, side)
     # the very batches segment() feeds the model, made beforehand: the model alone sees identical input

@@ -4,7 +4,7 @@ step time spent waiting for data.
     python bench/maskrcnn_bench.py [--steps 20] [--size 256]
 
 Synthetic demo data (demo_data.py: touching cells + debris with instance labels) at --size x --size,
-built into LMDBs; the trainers' own code path (train_maskrcnn.MaskRCNNTrainer: reader with NIST's
+built into LMDBs; the trainers' own code path (enki_seg.training.maskrcnn.MaskRCNNTrainer: reader with NIST's
 default augmentation and instance outputs, distributed train step, the model's detect function):
   * the small preset (GroupNorm backbone, FPN P2-P4 at 64 channels), batch 4: training images/s,
     inference images/s (model + post-processing, batch 4), and data_wait_fraction = seconds the
@@ -31,16 +31,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import build_lmdb  # noqa: E402
 from enki_seg.data import demo as demo_data  # noqa: E402
 from enki_seg.data import records  # noqa: E402
-import train_maskrcnn  # noqa: E402
+from enki_seg.training.maskrcnn import MaskRCNNTrainConfig, MaskRCNNTrainer  # noqa: E402
 
 
 def measure(tmp: Path, lmdb: Path, preset: str, batch: int, steps: int) -> dict:
-    config = train_maskrcnn.MaskRCNNTrainConfig(
+    config = MaskRCNNTrainConfig(
         train_database=str(lmdb / "train-b.lmdb"), test_database=str(lmdb / "test-b.lmdb"),
         output_dir=str(tmp / f"run-{preset}"), number_classes=3, batch_size=batch, preset=preset,
         test_every_n_steps=10**9, reader_count=1, warmup_steps=0)
     meta = records.read_metadata(config.train_database), records.read_metadata(config.test_database)
-    trainer = train_maskrcnn.MaskRCNNTrainer(config, *meta, resume=False)
+    trainer = MaskRCNNTrainer(config, *meta, resume=False)
     try:
         trainer.setup()
         tf = trainer.tf

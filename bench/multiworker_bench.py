@@ -3,9 +3,9 @@
     python bench/multiworker_bench.py [--steps 60]
 
 Starts 2 workers on this machine with launch/local.py (MultiWorkerMirroredStrategy, TF_CONFIG on
-loopback, one CPU replica each). Each builds trainer.Trainer's agreement function (one scalar
+loopback, one CPU replica each). Each builds loop.Trainer's agreement function (one scalar
 all-reduce, so that a SIGUSR1 reaching one worker stops all; the trainer holds it every
-trainer.PREEMPTION_CHECK_STEPS steps) and a small UNet train
+preemption.PREEMPTION_CHECK_STEPS steps) and a small UNet train
 step (depth 2, 8 filters, batch 2 of 64x64 per worker, synthetic in-memory data), then times both.
 Loopback understates a network's latency and a CPU step overstates a GPU step, so read the ratio as a
 lower bound for clusters with fast GPUs. Last line: one JSON object.
@@ -58,7 +58,7 @@ def worker(steps: int) -> None:
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step_fn), axis=None)
 
     @tf.function
-    def agree(values):  # as trainer.Trainer._build_steps
+    def agree(values):  # as loop.Trainer._build_steps
         per_replica = strategy.run(lambda: tf.identity(values))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     print(f"2 workers on loopback: small UNet step {step_ms:.1f} ms, per-step agreement all-reduce "
           f"{agree_ms:.2f} ms ({100 * agree_ms / step_ms:.1f}% of a step)")
     sys.path.insert(0, str(ROOT))
-    from enki_seg.training.loop import PREEMPTION_CHECK_STEPS as every  # importing trainer does not import TensorFlow
+    from enki_seg.training.preemption import PREEMPTION_CHECK_STEPS as every  # stdlib only: no TensorFlow
 
     print(f"amortized over the trainer's check every {every} steps: {100 * agree_ms / step_ms / every:.2f}% of step time")
     print(json.dumps({"step_ms": round(step_ms, 2), "agree_ms": round(agree_ms, 3),

@@ -137,5 +137,23 @@ class RunConfig:
         return cls.from_dict(data, str(path))
 
 
+def load_sections(path: str | Path) -> dict:
+    """config.json's sections as written, without requiring a complete run config; {} when the file is
+    absent. Resuming a run compares only its ``train`` settings and ``data`` record counts."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunConfigError(f"{path} cannot be read ({exc}); the run folder is damaged") from None
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{path} is not a JSON object")
+    if int(data.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise RunConfigError(f"{path} has schema version {data['schema_version']}, newer than this code's "
+                             f"{SCHEMA_VERSION}; update the code (git pull) to read it")
+    return data
+
+
 def _optional_int(value) -> int | None:
     return None if value is None else int(value)

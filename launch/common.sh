@@ -12,6 +12,8 @@
 #                          taking the same flags; the tests use a stub)
 #   ENKI_SNAPSHOT_GIT=0    do not record `git describe`/`git diff` in the launch snapshot
 # Exit codes of the trainers this file knows: 75 = preempted with a checkpoint written (requeued here).
+# They are enki_seg/exit_codes.py's (PREEMPTED; BAD_INPUT for enki_die), written out because this file
+# is sourced before Python is set up; tests/test_launch.py checks that the two agree.
 
 ENKI_PREEMPTED_EXIT_CODE=75
 enki_trainer_pid=""

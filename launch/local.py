@@ -34,10 +34,15 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/local.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from enki_seg.exit_codes import BAD_INPUT, PREEMPTED  # noqa: E402
 
 logger = logging.getLogger("launch.local")
 
-PREEMPTED_EXIT_CODE = 75
+#: as timeout(1): the run was stopped at --timeout
 TIMEOUT_EXIT_CODE = 124
 POLL_SECONDS = 0.05
 
@@ -196,24 +201,24 @@ class LocalCluster:
             if self.signal_received is not None:
                 self.stop(signal.SIGTERM)
                 return self._code_after_signal()
-            failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0, PREEMPTED_EXIT_CODE)]
+            failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0, PREEMPTED)]
             if failed:
                 rank, code = failed[0]
                 logger.error("rank %d exited with code %d: stopping the other workers", rank, exit_code_of(code))
                 self.stop(signal.SIGTERM)
                 return exit_code_of(code)
             if all(c is not None for c in codes):
-                return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
-            if PREEMPTED_EXIT_CODE in codes:
+                return PREEMPTED if PREEMPTED in codes else 0
+            if PREEMPTED in codes:
                 # a worker checkpointed after a signal; the others should follow within the grace period
                 logger.warning("a worker exited %d (preempted); waiting up to %.0f s for the others",
-                               PREEMPTED_EXIT_CODE, self.grace_seconds)
+                               PREEMPTED, self.grace_seconds)
                 self.stop(first_signal=None if self._wait_all(time.monotonic() + self.grace_seconds)
                           else signal.SIGTERM)
                 codes = [p.returncode for p in self.processes]
-                bad = [c for rank, c in enumerate(codes) if c not in (0, PREEMPTED_EXIT_CODE)
+                bad = [c for rank, c in enumerate(codes) if c not in (0, PREEMPTED)
                        and rank not in self.killed_by_us]
-                return exit_code_of(bad[0]) if bad else PREEMPTED_EXIT_CODE
+                return exit_code_of(bad[0]) if bad else PREEMPTED
             if deadline is not None and time.monotonic() >= deadline:
                 logger.error("timeout after %.0f s: stopping the workers", self.timeout)
                 self.stop(signal.SIGTERM)
@@ -222,10 +227,10 @@ class LocalCluster:
 
     def _code_after_signal(self) -> int:
         codes = [p.returncode for p in self.processes]
-        if all(c == PREEMPTED_EXIT_CODE for c in codes):
-            return PREEMPTED_EXIT_CODE
+        if all(c == PREEMPTED for c in codes):
+            return PREEMPTED
         own = [c for rank, c in enumerate(codes) if rank not in self.killed_by_us
-               and c not in (0, PREEMPTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT)]
+               and c not in (0, PREEMPTED, -signal.SIGTERM, -signal.SIGINT)]
         return exit_code_of(own[0]) if own else 128 + int(self.signal_received)
 
 
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
         code = cluster.run()
     except OSError as exc:  # e.g. the command does not exist
         logger.error("cannot start the workers: %s", exc)
-        return 2
+        return BAD_INPUT
     logger.info("exit code %d", code)
     return code
 

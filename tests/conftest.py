@@ -17,6 +17,14 @@ from slurm_helpers import slurm_cluster  # noqa: E402,F401  (session fixture: on
 SHARED_DATA = ROOT.parent / "shared" / "data" / "nist-hes"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest applies -m
+def pytest_collection_modifyitems(items):
+    """Every `slurm` test is also `slow`, so `-m "not slow"` (the quick tier) never needs a cluster."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def nist_hes() -> Path:
     """../shared/data/nist-hes; skipped when absent, unless ENKI_REQUIRE_SHARED=1 (CI) makes it fatal."""

@@ -9,6 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import scipy.ndimage
 import yaml
 
 import augment
@@ -350,15 +351,78 @@ def test_augment_example_boxes_match_warped_labels(name):
         rng = np.random.default_rng(seed)
         example = augment_example(rng, GEOMETRIC_CONFIGS[name], image, semantic, instances, classes)
         assert example["image"].shape == image.shape and example["image"].dtype == np.float32
-        warped = example["instance_labels"]
-        assert set(np.unique(warped).tolist()) <= {0, 1, 2, 3}
+        warped, warped_classes = example["instance_labels"], example["instance_classes"]
+        # ids above 3 are mirror copies (reflect border), each with the class of the object it mirrors
+        np.testing.assert_array_equal(warped_classes[:3], classes)
+        assert set(np.unique(warped).tolist()) <= set(range(len(warped_classes) + 1))
         np.testing.assert_array_equal(example["semantic_mask"] > 0, warped > 0)  # same sampled transform
         present = sorted(set(np.unique(warped).tolist()) - {0})
         np.testing.assert_array_equal(example["box_ids"], present)
-        np.testing.assert_array_equal(example["box_classes"], classes[np.array(present, dtype=int) - 1])
+        np.testing.assert_array_equal(example["box_classes"], warped_classes[np.array(present, dtype=int) - 1])
         for box, instance_id in zip(example["boxes"], example["box_ids"]):
             rows, columns = np.nonzero(warped == instance_id)
             np.testing.assert_array_equal(box, [rows.min(), columns.min(), rows.max() + 1, columns.max() + 1])
+
+
+def test_mirror_copy_gets_its_own_id():
+    # a shift right by 3 px: output columns 0..2 show source columns -3..-1, reflected to 3..1
+    instances = np.zeros((10, 10), np.uint8)
+    instances[4:7, 0:2] = 1  # touches the left edge: column 1 reflects into output column 2
+    params = AugmentParams(shape=(10, 10), affine=[[1, 0, 3], [0, 1, 0]])
+    warped, classes = augment.apply_instance_labels(instances, np.array([5]), params)
+    expected = np.zeros((10, 10), np.int32)
+    expected[4:7, 3:5] = 1
+    expected[4:7, 2] = 2
+    np.testing.assert_array_equal(warped, expected)
+    np.testing.assert_array_equal(classes, [5, 5])
+    assert warped.dtype == np.int32
+    np.testing.assert_array_equal(apply_labels(instances, params) > 0, warped > 0)  # semantic agrees
+
+    constant = dataclasses.replace(params, border_mode="constant")
+    warped, classes = augment.apply_instance_labels(instances, np.array([5]), constant)
+    expected[4:7, 2] = 0
+    np.testing.assert_array_equal(warped, expected)
+    np.testing.assert_array_equal(classes, [5])
+    with pytest.raises(ValueError, match="one class each"):
+        augment.apply_instance_labels(instances, np.zeros(0, np.int32), params)
+
+
+def test_default_augmentation_never_mirrors_an_id():
+    """Issue 13: with the "reflect" border, an id used to cover its object and the object's reflection."""
+    size = 128
+    instances = np.zeros((size, size), np.int32)
+    instances[2:12, 50:70] = 1  # near the top edge
+    rows, columns = np.mgrid[0:size, 0:size]
+    instances[(rows - 64) ** 2 + (columns - 64) ** 2 <= 12**2] = 2  # in the middle
+    instances[112:125, 110:124] = 3  # near a corner
+    classes = np.array([1, 2, 1], np.int32)
+    semantic = np.zeros((size, size), np.uint8)
+    semantic[instances > 0] = classes[instances[instances > 0] - 1]
+    image = np.zeros((size, size, 1), np.float32)
+    config = AugmentConfig()
+    draws_with_copies = 0
+    for seed in range(200):
+        example = augment_example(np.random.default_rng(seed), config, image, semantic, instances, classes)
+        # augment_example's first draws are its transform: the same seed gives the same params
+        params = sample_params(np.random.default_rng(seed), config, (size, size))
+        where_originals_lie = apply_labels(instances, dataclasses.replace(params, border_mode="constant"))
+        warped, warped_classes = example["instance_labels"], example["instance_classes"]
+        np.testing.assert_array_equal(warped_classes[:3], classes)
+        for instance_id in range(1, len(warped_classes) + 1):
+            pieces = scipy.ndimage.label(warped == instance_id, structure=np.ones((3, 3)))[1]
+            assert pieces <= 1, f"seed {seed}: id {instance_id} is {pieces} pieces"
+            if instance_id <= 3:
+                np.testing.assert_array_equal(warped == instance_id, where_originals_lie == instance_id)
+            else:  # a mirror copy: where the image shows a reflection, with the class it shows
+                assert pieces == 1 and not where_originals_lie[warped == instance_id].any()
+                assert (example["semantic_mask"][warped == instance_id] == warped_classes[instance_id - 1]).all()
+        np.testing.assert_array_equal(example["semantic_mask"] > 0, warped > 0)
+        draws_with_copies += len(warped_classes) > 3
+        for box, instance_id in zip(example["boxes"], example["box_ids"]):
+            found_rows, found_columns = np.nonzero(warped == instance_id)
+            extent = [found_rows.min(), found_columns.min(), found_rows.max() + 1, found_columns.max() + 1]
+            np.testing.assert_array_equal(box, extent)
+    assert draws_with_copies > 100  # the case is exercised: most draws reflect an object into view
 
 
 def test_augment_example_without_instances():

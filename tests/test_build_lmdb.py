@@ -19,7 +19,11 @@ import build_lmdb
 from enki_seg.data import image_io
 from enki_seg.data import records
 from enki_seg.data import tiling
+from enki_seg.data.writer import LmdbWriter
 from conftest import ROOT, write_pairs
+
+pytestmark = pytest.mark.filterwarnings(  # pycocotools under NumPy 2
+    "ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 def run_build(tmp_path, images, masks=None, *extra, name="ds", out=None):
@@ -519,7 +523,7 @@ def test_real_nist_data_tiled_round_trip(tmp_path, nist_hes):
 def test_map_grows_when_the_estimate_is_too_small(tmp_path, monkeypatch):
     images, masks = write_pairs(tmp_path / "src", count=4, size=512)  # ~1.5 MB per split
     grown = []
-    original = build_lmdb.LmdbWriter.flush
+    original = LmdbWriter.flush
 
     def tiny_start(self):
         if not grown and self.map_size > (1 << 20):
@@ -529,7 +533,7 @@ def test_map_grows_when_the_estimate_is_too_small(tmp_path, monkeypatch):
         original(self)
         grown.append(self.map_size > before)
 
-    monkeypatch.setattr(build_lmdb.LmdbWriter, "flush", tiny_start)
+    monkeypatch.setattr(LmdbWriter, "flush", tiny_start)
     rc, out = run_build(tmp_path, images, masks, "--train_fraction", "0.5")
     assert rc == 0 and any(grown)
     meta, examples = read_all(out / "train-ds.lmdb")

@@ -592,3 +592,31 @@ def test_workers_never_outlive_a_killed_consumer(small_db, method):
     finally:
         consumer.kill()
         consumer.wait()
+
+
+def test_boundary_targets_follow_the_augmented_instance_labels(tmp_path):
+    """instance_target="boundary": semantic_mask is background/interior/boundary of the warped instances."""
+    from enki_seg.data.instance_targets import boundary_classes
+
+    rng = np.random.default_rng(3)
+    images, masks, instances = {}, {}, {}
+    for i in range(4):
+        inst = np.zeros((32, 32), np.uint16)
+        inst[4:14, 4:14], inst[4:14, 14:24], inst[18:28, 6:20] = 1, 2, 3
+        images[f"b{i}"] = (inst > 0).astype(np.uint16) * 900 + rng.integers(0, 90, (32, 32)).astype(np.uint16)
+        masks[f"b{i}"], instances[f"b{i}"] = (inst > 0).astype(np.uint8), inst
+    train, _ = _build(tmp_path, images, masks, instances)
+    config = ReaderConfig(str(train), batch_size=2, augment=augment.AugmentConfig(), instance_target="boundary",
+                          max_instances=8, seed=1)
+    with ImageReader(config) as reader:
+        for _ in range(4):
+            batch = reader.next_batch()
+            for row in range(2):
+                np.testing.assert_array_equal(batch["semantic_mask"][row],
+                                              boundary_classes(batch["instance_labels"][row]))
+                assert {0, 1, 2} <= set(np.unique(batch["semantic_mask"][row]).tolist())
+    plain, _ = _build(tmp_path / "plain", images, masks)
+    with pytest.raises(ReaderError, match="no instance labels.*--instance_folder"):
+        ImageReader(ReaderConfig(str(plain), instance_target="boundary"))
+    with pytest.raises(ValueError, match="instance_target"):
+        ReaderConfig(str(plain), instance_target="stars")

@@ -21,7 +21,11 @@ import tifffile
 import build_lmdb
 import evaluate
 from enki_seg.data import image_io
-from enki_seg.inference import semantic as inference
+import inference
+from enki_seg import files
+from enki_seg.data import tiling
+from enki_seg.evaluation.semantic_evaluation import Evaluation
+from enki_seg.inference import core, semantic
 from enki_seg.evaluation import metrics as seg_metrics
 from conftest import ROOT, write_pairs
 from enki_seg.data.normalization import Normalization
@@ -83,7 +87,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenters(runs):
-    return {name: inference.Segmenter(inference.load_run_info(runs[name]), batch_size=3)
+    return {name: semantic.Segmenter(core.load_run_info(runs[name]), batch_size=3)
             for name in ("zscore", "dataset")}
 
 
@@ -101,7 +105,7 @@ def _image(height, width, seed=0):
 def _whole_image_logits(segmenter, image):
     """The model once on the whole reflection-padded image, normalized as one window, cropped back."""
     height, width = image.shape[:2]
-    padded_h, padded_w = inference.padded_size(height, width, segmenter.size_multiple)
+    padded_h, padded_w = tiling.padded_size(height, width, segmenter.size_multiple)
     padded = np.pad(image, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="reflect")
     (logits,) = segmenter.predict_tiles(segmenter.normalization.apply(padded)[None])
     return logits[0, :height, :width]
@@ -123,7 +127,7 @@ def _assert_same_prediction(actual, expected, atol=1e-4):
     (64, 64, 64, 10, 4), (300, 500, 64, 12, 4), (304, 1000, 96, 23, 8), (16, 208, 64, 16, 16), (128, 128, 32, 0, 8),
 ])
 def test_tile_plan_keeps_each_pixel_once_away_from_tile_edges(height, width, tile, margin, multiple):
-    tiles = inference.plan_tiles(height, width, tile, margin, multiple)
+    tiles = tiling.plan_tiles(height, width, tile, margin, multiple)
     owner = np.zeros((height, width), np.int32)
     for t in tiles:
         assert t.y % multiple == 0 and t.x % multiple == 0
@@ -139,12 +143,12 @@ def test_tile_plan_keeps_each_pixel_once_away_from_tile_edges(height, width, til
 
 
 def test_tile_stride_and_errors():
-    assert inference.tile_stride(256, 51, 8) == 152
-    assert inference.tile_stride(64, 0, 4) == 64
+    assert tiling.tile_stride(256, 51, 8) == 152
+    assert tiling.tile_stride(64, 0, 4) == 64
     with pytest.raises(ValueError, match="no stride"):
-        inference.tile_stride(32, 16, 4)
+        tiling.tile_stride(32, 16, 4)
     with pytest.raises(ValueError, match="multiple"):
-        inference.plan_tiles(30, 64, 32, 4, 4)
+        tiling.plan_tiles(30, 64, 32, 4, 4)
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 1), (2, 3), (5, 7), (9, 4)])
@@ -153,9 +157,9 @@ def test_read_window_reflects_like_np_pad(rows, cols):
     pad = 11
     padded = np.pad(image, ((0, pad), (0, pad), (0, 0)), mode="reflect")
     for y, x in ((0, 0), (rows - 1, 0), (0, max(0, cols - 2))):
-        window = inference.read_window(image, y, x, rows + pad - y, cols + pad - x)
+        window = tiling.read_window(image, y, x, rows + pad - y, cols + pad - x)
         np.testing.assert_array_equal(window, padded[y:, x:])
-    inside = inference.read_window(image, 0, 0, rows, cols)
+    inside = tiling.read_window(image, 0, 0, rows, cols)
     assert np.shares_memory(inside, image)  # no copy for windows inside the image
 
 
@@ -171,7 +175,7 @@ def test_probe_channels_reads_headers(tmp_path):
     expected = {"grey.tif": 1, "planar.tif": 3, "rgb.tif": 3, "rgba.png": 4, "grey.png": 1, "rgb.jpg": 3,
                 "grey.jpg": 1, "junk.tif": None}
     for name, channels in expected.items():
-        assert inference.probe_channels(tmp_path / name) == channels, name
+        assert core.probe_channels(tmp_path / name) == channels, name
         if channels is not None:
             assert image_io.read_image(tmp_path / name).shape[2] == channels
 
@@ -179,21 +183,21 @@ def test_probe_channels_reads_headers(tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "a.tif"
     with pytest.raises(RuntimeError):
-        with inference._Atomic(target) as tmp:
+        with files.atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
-    inference.write_labels(target, np.ones((4, 5), np.uint8))
+    core.write_labels(target, np.ones((4, 5), np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
     (tmp_path / ".b.tmp-999.tif").write_bytes(b"left by a killed run")
     (tmp_path / ".keep.txt").write_text("not ours")
-    assert inference.remove_leftovers(tmp_path) == 1
+    assert files.remove_leftovers(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.txt", "a.tif"]
 
 
 def test_run_info_from_folder_model_file_or_config(runs):
     for path in (runs["zscore"], runs["zscore"] / "model.keras", runs["zscore"] / "config.json"):
-        info = inference.load_run_info(path)
+        info = core.load_run_info(path)
         assert info.num_classes == 3 and info.channels == 1 and info.tile_size == TILE
         assert info.class_names == ["background", "cell", "edge"] and info.label_dtype == np.uint8
         assert info.normalization == Normalization("zscore")
@@ -204,12 +208,12 @@ def test_run_info_from_folder_model_file_or_config(runs):
 
 def test_margin_is_the_receptive_field_capped_at_a_quarter_tile(runs, segmenters):
     # depth 2: two 3x3 convs at 1x, 2x, 4x (bottleneck), 2x, 1x -> 2+4+8+4+2 = 20, plus pooling alignment
-    wide = inference.Segmenter(inference.load_run_info(runs["dataset"]), tile_size=128)
+    wide = semantic.Segmenter(core.load_run_info(runs["dataset"]), tile_size=128)
     assert 20 <= wide.receptive_radius <= 24 and wide.margin == wide.receptive_radius
     assert wide.stride == (128 - 2 * wide.margin) // 4 * 4
     capped = segmenters["dataset"]  # tile 64: the radius exceeds 64 / 4
     assert capped.receptive_radius > TILE // 4 and capped.margin == TILE // 4 and capped.stride == TILE // 2
-    assert inference.Segmenter(inference.load_run_info(runs["dataset"]), margin=3).margin == 3
+    assert semantic.Segmenter(core.load_run_info(runs["dataset"]), margin=3).margin == 3
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (50, 60), (13, 7)])
@@ -235,8 +239,8 @@ def test_tiled_equals_whole_image_beyond_the_margin(runs):
     tile's edges, or lies at the image border where tile and image edges coincide; so all pixels
     agree. With no margin, pixels near seams differ: the test can tell.
     """
-    info = inference.load_run_info(runs["dataset"])
-    segmenter = inference.Segmenter(info, tile_size=96, batch_size=4)
+    info = core.load_run_info(runs["dataset"])
+    segmenter = semantic.Segmenter(info, tile_size=96, batch_size=4)
     assert segmenter.margin == segmenter.receptive_radius < 96 // 4
     image = _image(302, 498, seed=2)  # padded to 304 x 500
     tiles = segmenter.plan(302, 498)
@@ -245,7 +249,7 @@ def test_tiled_equals_whole_image_beyond_the_margin(runs):
     _assert_same_prediction(segmenter.logits(image), whole)
     np.testing.assert_array_equal(segmenter.segment(image), segmenter.logits(image).argmax(-1))
 
-    no_margin = inference.Segmenter(info, tile_size=96, batch_size=4, margin=0)
+    no_margin = semantic.Segmenter(info, tile_size=96, batch_size=4, margin=0)
     difference = np.abs(no_margin.logits(image) - whole).max(-1)
     assert difference.max() > 1e-2  # seams without a margin are visible
 
@@ -296,7 +300,7 @@ def test_one_tile_image_reproduces_the_trainers_test_prediction(runs, tmp_path):
     out = tmp_path / "out"
     assert inference.main(["--model", str(runs["zscore"]), "--image_folder", str(tiles),
                            "--output_folder", str(out)]) == 0
-    segmenter = inference.Segmenter(inference.load_run_info(runs["zscore"]), batch_size=1)
+    segmenter = semantic.Segmenter(core.load_run_info(runs["zscore"]), batch_size=1)
     for index, logits in expected.items():
         image = image_io.read_image(tiles / f"record{index:03d}.tif")
         _assert_same_prediction(segmenter.logits(image), logits, atol=1e-5)
@@ -334,8 +338,8 @@ def test_cli_writes_masks_overlays_probabilities_and_metrics(runs, folder, caplo
     with caplog.at_level(logging.INFO, logger="inference"):
         assert inference.main(args) == 0
     assert not leftover.exists()
-    segmenter = inference.Segmenter(inference.load_run_info(runs["zscore"]))
-    evaluation = inference.Evaluation(NUM_CLASSES, ["background", "cell", "edge"])
+    segmenter = semantic.Segmenter(core.load_run_info(runs["zscore"]))
+    evaluation = Evaluation(NUM_CLASSES, ["background", "cell", "edge"])
     for name in "abcd":
         image = image_io.read_image(folder / "images" / f"{name}.tif")
         labels = tifffile.imread(out / f"{name}.tif")
@@ -382,7 +386,7 @@ def test_png_output_matches_tiff(runs, folder, tmp_path):
     out = tmp_path / "png"
     assert inference.main(["--model", str(runs["zscore"]), "--image_folder", str(folder / "images"),
                            "--output_folder", str(out), "--output_format", "png", "--tile_size", "32"]) == 0
-    segmenter = inference.Segmenter(inference.load_run_info(runs["zscore"]), tile_size=32)
+    segmenter = semantic.Segmenter(core.load_run_info(runs["zscore"]), tile_size=32)
     for name in "abcd":
         labels = imagecodecs.imread(str(out / f"{name}.png"))
         assert labels.dtype == np.uint8

@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 from scipy import ndimage
 
 from enki_seg.evaluation import coco_ap as coco_eval
-from enki_seg.inference import semantic as inference
+import inference
+from enki_seg.data import tiling
 from enki_seg.inference import instance as instance_inference
 from enki_seg.inference.instance import Detections, Detector, instance_labels
 from enki_seg.data.normalization import Normalization
@@ -173,7 +174,7 @@ def test_each_tile_is_normalized_on_its_own_window():
     detector = _detector(normalization="zscore", predict=recording_predict)
     detector.detect(image)
     tiles = detector.plan(200, 150)
-    expected = [Normalization("zscore").apply(inference.read_window(image, t.y, t.x, t.height, t.width)) for t in tiles]
+    expected = [Normalization("zscore").apply(tiling.read_window(image, t.y, t.x, t.height, t.width)) for t in tiles]
     np.testing.assert_array_equal(np.concatenate(batches), np.stack(expected))
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import tf_config as tfc
+from enki_seg import exit_codes
+from enki_seg.training import slurm as tfc
+from launch import tf_config as tf_config_cli
 from slurm_helpers import (Cluster, SlurmError, job_output, queued_job_ids, signal_batch_shell, submit,
                            wait_dead, wait_for_state, wait_for_text)
 
@@ -40,7 +42,7 @@ def _environ_without_slurm() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 
 
-# ----------------------------------------------------------------------------- launch/tf_config.py
+# ----------------------------------------------------------------------------- TF_CONFIG from SLURM (launch/tf_config.py)
 
 
 @pytest.mark.parametrize("hostlist, expected", [
@@ -145,14 +147,14 @@ def test_tf_config_rejects_inconsistent_layout():
 
 
 def test_tf_config_cli(monkeypatch, capsys):
-    assert tfc.main(["--hostnames", "n[1-2]", "--no_scontrol"]) == 0
+    assert tf_config_cli.main(["--hostnames", "n[1-2]", "--no_scontrol"]) == 0
     assert capsys.readouterr().out.split() == ["n1", "n2"]
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
-    assert tfc.main([]) == 1
+    assert tf_config_cli.main([]) == 1
     for key, value in _step_env(1, ENKI_PORT="23000").items():
         monkeypatch.setenv(key, value)
-    assert tfc.main(["--no_scontrol"]) == 0
+    assert tf_config_cli.main(["--no_scontrol"]) == 0
     assert json.loads(capsys.readouterr().out)["cluster"]["worker"] == ["node01:23000", "node02:23000"]
 
 
@@ -293,7 +295,7 @@ def test_local_rejects_missing_command(tmp_path):
 STUB_TRAINER = textwrap.dedent("""
     import json, os, signal, sys, time
     sys.path.insert(0, os.environ["ENKI_HOME"])
-    from launch.tf_config import tf_config_from_slurm
+    from enki_seg.training.slurm import tf_config_from_slurm
 
     argv = sys.argv[1:]
     flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
@@ -426,6 +428,15 @@ def test_step_code_from_task_records(tmp_path, codes, srun_code, expected):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == str(expected), result.stderr
 
+
+
+def test_shell_exit_codes_agree_with_enki_seg():
+    """launch/common.sh writes its exit codes as literals (it is sourced before the environment with
+    Python is activated): they must stay enki_seg.exit_codes' values."""
+    script = f'source "{LAUNCH}/common.sh"; echo "$ENKI_PREEMPTED_EXIT_CODE"; enki_die "bad input"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == str(exit_codes.PREEMPTED), result.stderr
+    assert result.returncode == exit_codes.BAD_INPUT and "error: bad input" in result.stderr
 
 def test_task_wrapper_records_code_and_forwards_signals(tmp_path):
     exit_dir = tmp_path / "codes"

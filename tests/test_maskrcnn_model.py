@@ -131,6 +131,60 @@ def test_losses_finite_with_all_padded_gt(small_model):
     np.testing.assert_array_equal(losses["mask"].numpy(), 0.0)
 
 
+def test_sampling_is_seeded_by_the_step(small_model, batch_with_empty_image, monkeypatch):
+    """Issue 13: anchor and ROI sampling depend only on the batch, the weights and the seed or step."""
+    from models.maskrcnn import model as model_module
+
+    recorded = []
+
+    def recording(function):
+        def wrapper(*args, **kwargs):
+            result = function(*args, **kwargs)
+            recorded.append({name: value.numpy() for name, value in result.items()})
+            return result
+        return wrapper
+
+    for name in ("rpn_targets", "sample_rois"):
+        monkeypatch.setattr(model_module, name, recording(getattr(model_module, name)))
+
+    def sampled_sets(step=None, seed=None, training=True):
+        if step is not None:
+            small_model.sampling_step.assign(step)
+        recorded.clear()
+        small_model.compute_losses(*batch_with_empty_image, training=training, seed=seed)
+        rpn, rois = recorded
+        return {"anchors_positive": rpn["sampled_positive"], "anchors_negative": rpn["sampled_negative"],
+                "rois": rois["rois"], "rois_sampled": rois["sampled"], "rois_matched": rois["matched_gt"]}
+
+    first = sampled_sets(step=7)
+    assert int(small_model.sampling_step.numpy()) == 8  # a training call advances the step
+    again = sampled_sets(step=7)
+    next_step = sampled_sets(step=8)
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+    assert not np.array_equal(first["anchors_negative"], next_step["anchors_negative"])
+    assert not np.array_equal(first["rois"], next_step["rois"])
+
+    # evaluation (training=False) and an explicit seed sample without advancing the step
+    evaluation = sampled_sets(step=7, training=False)
+    assert int(small_model.sampling_step.numpy()) == 7
+    for name in first:
+        np.testing.assert_array_equal(first[name], evaluation[name], err_msg=name)
+    seeded, seeded_again = sampled_sets(seed=(1, 2)), sampled_sets(seed=(1, 2))
+    assert int(small_model.sampling_step.numpy()) == 7
+    for name in first:
+        np.testing.assert_array_equal(seeded[name], seeded_again[name], err_msg=name)
+
+
+def test_sampling_step_is_checkpointed(small_model, tmp_path):
+    checkpoint = tf.train.Checkpoint(model=small_model)
+    small_model.sampling_step.assign(123)
+    path = checkpoint.write(str(tmp_path / "ckpt"))
+    small_model.sampling_step.assign(0)
+    checkpoint.read(path).assert_existing_objects_matched()
+    assert int(small_model.sampling_step.numpy()) == 123
+
+
 def test_config_round_trip(small_model):
     config = small_model.get_config()
     assert config["config"] == MaskRCNNConfig.preset("small").to_dict()
@@ -142,6 +196,7 @@ def test_config_round_trip(small_model):
         MaskRCNN(MaskRCNNConfig.preset("small"), input_channels=1, num_classes=1)
 
 
+@pytest.mark.slow  # ~12 s on 2 CPU cores, mostly the SavedModel export
 def test_keras_save_load_and_export_give_identical_detections(small_model, tmp_path):
     images = synthetic_instances(1, 64, 3, seed=2)[0]
     expected = small_model(images)
@@ -159,6 +214,7 @@ def test_keras_save_load_and_export_give_identical_detections(small_model, tmp_p
         np.testing.assert_allclose(served[name].numpy(), expected[name].numpy(), atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # ~11 s on 2 CPU cores: tracing a distributed training step
 def test_training_step_under_mirrored_strategy():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     with strategy.scope():

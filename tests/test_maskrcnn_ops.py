@@ -11,7 +11,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from models.maskrcnn import MaskRCNNConfig, detections_to_instance_labels, paste_masks  # noqa: E402
+from models.maskrcnn import MaskRCNNConfig, paste_masks  # noqa: E402
 from models.maskrcnn import box_ops  # noqa: E402
 from models.maskrcnn.anchors import (anchor_counts, concat_anchors, generate_anchors,  # noqa: E402
                                      level_anchors_tf)
@@ -115,6 +115,37 @@ def test_sampling_respects_fractions():
     sampled_pos, sampled_neg = sample_positives_negatives(positive, ~positive, 16, 0.25)
     assert int(tf.reduce_sum(tf.cast(sampled_pos, tf.int32))) == 2
     assert int(tf.reduce_sum(tf.cast(sampled_neg, tf.int32))) == 14
+
+
+def test_sampling_is_a_function_of_the_seed():
+    positive = tf.constant([[True] * 40 + [False] * 200] * 2)
+    first = sample_positives_negatives(positive, ~positive, 32, 0.25, seed=(3, 7))
+    again = sample_positives_negatives(positive, ~positive, 32, 0.25, seed=tf.constant([3, 7], tf.int64))
+    other = sample_positives_negatives(positive, ~positive, 32, 0.25, seed=(3, 8))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(first, other):
+        assert not np.array_equal(a.numpy(), b.numpy())
+    # the two images of the batch draw different candidates from one seed
+    assert not np.array_equal(first[1].numpy()[0], first[1].numpy()[1])
+
+
+def test_sample_rois_is_a_function_of_the_seed():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 100, (1, 300, 2)).astype(np.float32)
+    proposals = tf.constant(np.concatenate([corners, corners + rng.uniform(5, 30, (1, 300, 2))], axis=-1))
+    gt = tf.constant([[[10, 10, 40, 40], [50, 50, 90, 80]]], tf.float32)
+    valid = tf.ones((1, 300), tf.bool)
+
+    def sample(seed):
+        result = sample_rois(proposals, valid, gt, tf.constant([[1, 2]]), tf.constant([2]), batch_size_per_im=32,
+                             fg_fraction=0.25, seed=seed)
+        return {name: value.numpy() for name, value in result.items()}
+
+    first, again, other = sample((5, 1)), sample((5, 1)), sample((5, 2))
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+    assert not np.array_equal(first["rois"], other["rois"])
 
 
 def test_rpn_targets_hand_made():
@@ -277,17 +308,6 @@ def test_paste_masks():
     expected = np.zeros((8, 12), bool)
     expected[2:6, 2:6] = True  # left half of an 8-wide box
     np.testing.assert_array_equal(pasted[2], expected)
-
-
-def test_detections_to_instance_labels_overlap_goes_to_higher_score():
-    masks = np.zeros((3, 6, 6), bool)
-    masks[0, 0:4, 0:4] = True   # score 0.6
-    masks[1, 2:6, 2:6] = True   # score 0.9: wins the overlap, id 1
-    masks[2, 5:6, 0:1] = True   # score 0.3: id 3
-    labels = detections_to_instance_labels(np.zeros((3, 4)), np.array([0.6, 0.9, 0.3]), masks)
-    assert labels.dtype == np.int32
-    assert labels[3, 3] == 1 and labels[0, 0] == 2 and labels[5, 0] == 3 and labels[2, 2] == 1
-    assert (labels == 2).sum() == 16 - 4
 
 
 # ---- config ----

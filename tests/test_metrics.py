@@ -207,6 +207,6 @@ def test_csv_rows_and_table(tmp_path):
 
 def test_module_imports_without_tensorflow():
     # metrics is used by inference tools that must not pay for (or need) TensorFlow.
-    code = "import sys, metrics; assert 'tensorflow' not in sys.modules"
-    root = Path(sys.modules["metrics"].__file__).parent
+    code = "import sys, enki_seg.evaluation.metrics; assert 'tensorflow' not in sys.modules"
+    root = Path(sys.modules["enki_seg.evaluation.metrics"].__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, build_blocks_db
 from slurm_helpers import wait_dead
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # every test starts trainers
 
 SMALL_UNET = ["--depth", "2", "--base_filters", "8", "--dropout", "0.0"]
 

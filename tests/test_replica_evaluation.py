@@ -63,8 +63,8 @@ def databases(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
 
 SCRIPT = r"""
 import json, sys
-from enki_seg.training import common as train_common
-tf = train_common.configure_devices(cpu_replicas=2)
+from enki_seg.training import distribution
+tf = distribution.configure_devices(cpu_replicas=2)
 import train_maskrcnn, train_unet
 
 jobs, out_root = json.loads(sys.argv[1]), sys.argv[2]

@@ -19,7 +19,7 @@ import build_lmdb
 from enki_seg.data import demo as demo_data
 from conftest import ROOT
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # every test starts trainers
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,6 @@ def _train(args, timeout=840):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
-@pytest.mark.slow
 def test_overfits_to_mask_ap50_then_inference_writes_instances_and_coco_json(cells, tmp_path):
     """The whole path: reader with instances -> Mask R-CNN -> COCO AP each interval -> exports ->
     inference.py recognising the run -> instance TIFFs + detections.json + AP against the labels."""

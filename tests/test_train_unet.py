@@ -20,7 +20,9 @@ import pytest
 import tifffile
 
 import build_lmdb
-from enki_seg.training import common as train_common
+from enki_seg import exit_codes
+from enki_seg.training import schedules
+from enki_seg.training.errors import TrainError
 from conftest import ROOT, build_blocks_db
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,6 +51,7 @@ def _history(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # starts trainers
 def test_end_to_end_early_stopping_exports_and_reload(blocks_db, tmp_path):
     train, test = blocks_db
     out = tmp_path / "run"
@@ -94,6 +97,7 @@ def test_end_to_end_early_stopping_exports_and_reload(blocks_db, tmp_path):
     assert summary["best_step"] == int(best_iou_row["step"])
 
 
+@pytest.mark.slow  # starts trainers
 def test_errors_before_work(blocks_db, tmp_path):
     train, test = blocks_db
     out = tmp_path / "err"
@@ -115,6 +119,7 @@ def test_errors_before_work(blocks_db, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow  # starts trainers
 def test_refuses_a_different_run_and_resumes_the_same(blocks_db, tmp_path):
     train, test = blocks_db
     out = tmp_path / "run"
@@ -160,7 +165,7 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == train_common.PREEMPTED_EXIT_CODE, output[-3000:]
+    assert proc.returncode == exit_codes.PREEMPTED, output[-3000:]
     stopped_at = json.loads((interrupted / "checkpoints" / "trainer_state.json").read_text())["step"]
     assert 10 <= stopped_at < 30
     assert not (interrupted / "model.keras").exists()
@@ -182,19 +187,20 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp
 
 
 def test_early_stopping_rule_and_schedules():
-    early = train_common.EarlyStopping(patience=2)
+    early = schedules.EarlyStopping(patience=2)
     assert early.update(1.0, 1) and not early.update(0.99995, 2)  # within NIST's 1e-4 tolerance
     assert not early.should_stop and not early.update(1.5, 3) and early.should_stop
-    maximize = train_common.EarlyStopping(patience=1, mode="max")
+    maximize = schedules.EarlyStopping(patience=1, mode="max")
     assert maximize.update(0.5, 1) and maximize.update(0.6, 2) and not maximize.update(0.6, 3)
     assert maximize.should_stop and maximize.best_step == 2
-    lr = train_common.learning_rate_at
+    lr = schedules.learning_rate_at
     assert lr(0, 1.0, "constant", 10, None) == 0.1 and lr(10, 1.0, "constant", 10, None) == 1.0
     assert lr(10, 1.0, "cosine", 10, 110) == 1.0 and abs(lr(110, 1.0, "cosine", 10, 110)) < 1e-12
     assert lr(60, 1.0, "step", 0, 100) == pytest.approx(0.1) and lr(80, 1.0, "step", 0, 100) == pytest.approx(0.01)
     assert lr(50, 1.0, "polynomial", 0, 100) == pytest.approx(0.5 ** 0.9)
 
 
+@pytest.mark.slow  # starts trainers
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(blocks_db, tmp_path):
     # a non-finite loss injected at step 5 (a test-only switch): whether real data overflows a
     # convolution depends on the CPU's kernels, so the stop path is tested independently of them
@@ -202,7 +208,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(blocks_db, tmp_path):
     r = subprocess.run(_cmd(*blocks_db, out, "--max_steps", "8", "--test_every_n_steps", "2",
                             "--use_augmentation", "0"), capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "ENKI_TEST_NAN_AT_STEP": "5"})
-    assert r.returncode == train_common.NAN_EXIT_CODE, r.stderr[-2000:]
+    assert r.returncode == exit_codes.NAN_LOSS, r.stderr[-2000:]
     assert "loss is nan at step 5" in r.stderr.lower()
     assert not (out / "model.keras").exists()
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
@@ -225,17 +231,18 @@ def test_config_file_flags_override_and_errors(tmp_path):
     assert aug.jitter == 0.3 and aug.rotation is False and config.use_augmentation is True
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
-    with pytest.raises(train_common.TrainError, match="unknown setting.*learning_rat"):
+    with pytest.raises(TrainError, match="unknown setting.*learning_rat"):
         train_unet.build_config(train_unet.parse_args(["--config", str(bad)]))
     base = ["--train_database", "a", "--test_database", "b", "--output_dir", "c"]
-    with pytest.raises(train_common.TrainError, match="--class_weights has 3 values but --number_classes is 2"):
+    with pytest.raises(TrainError, match="--class_weights has 3 values but --number_classes is 2"):
         train_unet.build_config(train_unet.parse_args(base + ["--class_weights", "1", "2", "3"]))
-    with pytest.raises(train_common.TrainError, match="cosine needs --max_steps"):
+    with pytest.raises(TrainError, match="cosine needs --max_steps"):
         train_unet.build_config(train_unet.parse_args(base + ["--lr_schedule", "cosine"]))
-    with pytest.raises(train_common.TrainError, match="augmentation settings"):
+    with pytest.raises(TrainError, match="augmentation settings"):
         train_unet.build_config(train_unet.parse_args(base + ["--augment", "scale=7"]))
 
 
+@pytest.mark.slow  # starts trainers
 def test_other_options_train(blocks_db, tmp_path):
     """Mixed precision, SGD + cosine, dice + cross-entropy with class weights, balanced sampling.
 

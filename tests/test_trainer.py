@@ -1,4 +1,4 @@
-"""trainer.py's pieces that need no TensorFlow: cluster resolution, config checks, TAO step levels,
+"""The training package's pieces that need no TensorFlow: cluster resolution, config checks, TAO step levels,
 the resumed-data check."""
 from __future__ import annotations
 
@@ -7,36 +7,35 @@ from types import SimpleNamespace
 
 import pytest
 
-from enki_seg.training import common as train_common
 import train_unet
-from enki_seg.training import loop as trainer
-from enki_seg.training.common import TrainError
+from enki_seg.training import distribution, run_folder, schedules
+from enki_seg.training.errors import TrainError
 
 
 def test_resolve_cluster_from_tf_config_slurm_and_nothing():
     env = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker",
                                                                                           "index": 2}})}
-    cluster = trainer.resolve_cluster("auto", env)
+    cluster = distribution.resolve_cluster("auto", env)
     assert (cluster.num_workers, cluster.worker_index, cluster.is_chief) == (3, 2, False)
-    assert trainer.resolve_cluster("mirrored", env) is None  # an explicit choice wins over the environment
-    assert trainer.resolve_cluster("auto", {}) is None
+    assert distribution.resolve_cluster("mirrored", env) is None  # an explicit choice wins over the environment
+    assert distribution.resolve_cluster("auto", {}) is None
     with pytest.raises(TrainError, match="needs TF_CONFIG or a multi-task srun step"):
-        trainer.resolve_cluster("multi_worker", {})
+        distribution.resolve_cluster("multi_worker", {})
     with pytest.raises(TrainError, match="TF_CONFIG is not valid"):
-        trainer.resolve_cluster("auto", {"TF_CONFIG": "{not json"})
+        distribution.resolve_cluster("auto", {"TF_CONFIG": "{not json"})
     # inside a 2-task srun step without TF_CONFIG: built from SLURM's variables and exported for TF
     slurm = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
              "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_ID": "77", "SLURM_NODEID": "1", "SLURM_LOCALID": "0"}
-    cluster = trainer.resolve_cluster("auto", slurm)
+    cluster = distribution.resolve_cluster("auto", slurm)
     assert (cluster.num_workers, cluster.worker_index) == (2, 1)
     assert json.loads(slurm["TF_CONFIG"])["task"] == {"type": "worker", "index": 1}
     # a one-worker TF_CONFIG is not a multi-worker run unless asked for
     one = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})}
-    assert trainer.resolve_cluster("auto", one) is None
+    assert distribution.resolve_cluster("auto", one) is None
 
 
 def test_step_levels_and_their_checks():
-    lr = train_common.learning_rate_at
+    lr = schedules.learning_rate_at
     levels = dict(decay_steps=[100, 200], decay_levels=[0.5, 0.05])
     assert lr(50, 1.0, "step", 0, None, **levels) == 1.0
     assert lr(150, 1.0, "step", 0, None, **levels) == 0.5
@@ -51,10 +50,10 @@ def test_step_levels_and_their_checks():
 
 
 def test_resumed_run_must_use_databases_with_the_same_records(tmp_path):
-    folder = train_common.RunFolder(tmp_path)
+    folder = run_folder.RunFolder(tmp_path)
     folder.config.write_text(json.dumps({"data": {"train_records": 10, "test_records": 4,
                                                   "train_database": "/old/train.lmdb"}}))
     same = SimpleNamespace(record_count=10), SimpleNamespace(record_count=4)
-    trainer.check_resumed_data(folder, *same)  # a copy at another path (scratch) is fine
+    run_folder.check_resumed_data(folder, *same)  # a copy at another path (scratch) is fine
     with pytest.raises(TrainError, match="has 11 records but the run .* was trained on 10 .*/old/train.lmdb"):
-        trainer.check_resumed_data(folder, SimpleNamespace(record_count=11), same[1])
+        run_folder.check_resumed_data(folder, SimpleNamespace(record_count=11), same[1])

@@ -8,15 +8,13 @@ and objects entirely outside the image.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_util
 
 from enki_seg.data.image_io import InputError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,46 +83,29 @@ def load(path: str | Path) -> CocoDataset:
 
 
 def decode_rle(counts, height: int, width: int) -> np.ndarray:
-    """Decode a COCO RLE (list of run lengths, or the compressed string form) into (H, W) bool."""
-    if isinstance(counts, str):
-        counts = _rle_string_to_counts(counts)
-    flat = np.zeros(height * width, dtype=bool)
-    pos = 0
-    value = False
-    for run in counts:
-        run = int(run)
-        if run < 0 or pos + run > flat.size:
-            raise ValueError("RLE runs exceed the image size")
-        if value:
-            flat[pos : pos + run] = True
-        pos += run
-        value = not value
-    return flat.reshape(width, height).T  # COCO RLE is column-major
+    """Decode a COCO RLE (list of run lengths, or the compressed string form) into (H, W) bool.
 
-
-def _rle_string_to_counts(s: str) -> list[int]:
-    # the LEB128-like string encoding of pycocotools' rleToString (maskApi.c), inverted
-    counts: list[int] = []
-    p = 0
-    data = s.encode("ascii")
-    while p < len(data):
-        x = 0
-        k = 0
-        more = True
-        while more:
-            if p >= len(data):
-                raise ValueError("truncated RLE string")
-            c = data[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
+    The runs must cover the image exactly; anything else raises ValueError.
+    """
+    # pycocotools checks neither form fully: it keeps runs as uint32 (a negative run wraps around)
+    # and leaves the pixels after the last run undefined
+    if isinstance(counts, list):
+        if not all(isinstance(run, int) and run >= 0 for run in counts) or sum(counts) != height * width:
+            raise ValueError(f"RLE runs must be non-negative integers adding up to {height}x{width} pixels")
+        return mask_util.decode(mask_util.frPyObjects(
+            {"size": [height, width], "counts": counts}, height, width)).astype(bool)
+    if not isinstance(counts, str):
+        raise TypeError(f"RLE counts must be a list or a string, not {type(counts).__name__}")
+    string = counts.encode("ascii")
+    try:
+        mask = mask_util.decode({"size": [height, width], "counts": string})
+    except ValueError:  # pycocotools' "Invalid RLE mask representation"
+        raise ValueError(f"RLE string is malformed or runs past the {height}x{width} image") from None
+    # re-encoding gives the same string only when every pixel was decoded (and the string is in the
+    # form pycocotools writes): catches a string that stops short of the last pixel
+    if mask_util.encode(mask)["counts"] != string:
+        raise ValueError(f"RLE string does not cover the {height}x{width} image")
+    return mask.astype(bool)
 
 
 def _polygon_mask(polygons, height: int, width: int) -> np.ndarray:

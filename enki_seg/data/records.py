@@ -375,6 +375,17 @@ def read_metadata(path: str) -> DatasetMetadata:
     return DatasetMetadata.from_json(data)
 
 
+def check_size_multiple(height: int | None, width: int | None, multiple: int, what: str) -> str | None:
+    """None when records of ``height`` x ``width`` suit a model whose input sides must be multiples of
+    ``multiple``; else the problem, naming ``what`` (the database), for the caller to add the fix to.
+    height/width None: the records differ in size (DatasetMetadata.record_height)."""
+    if height is None or width is None:
+        return f"{what}: records differ in size, so they are not all a multiple of the model's size multiple {multiple}"
+    if height % multiple or width % multiple:
+        return f"{what}: records are {height}x{width}, not a multiple of the model's size multiple {multiple}"
+    return None
+
+
 class ChannelStats:
     """Exact per-channel mean/std/min/max accumulated over many arrays (Chan et al. merge)."""
 

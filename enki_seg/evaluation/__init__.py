@@ -1,1 +1,1 @@
-"""Evaluation: semantic segmentation metrics and COCO box/mask AP."""
+"""Evaluation: semantic segmentation metrics (and the folder scores of inference/evaluate.py) and COCO box/mask AP."""

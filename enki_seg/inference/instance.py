@@ -1,6 +1,6 @@
 """Detects object instances in images of any size with a Mask R-CNN run: tiled, merged across tiles, written.
 
-inference.py hands runs whose config.json names the model ``maskrcnn`` to this module:
+``inference.py`` hands runs whose config.json names the model ``maskrcnn`` to this module:
 
     python inference.py --model runs/maskrcnn --image_folder imgs --output_folder preds \\
         --mask_folder instance_masks --save_overlay 1 --score_threshold 0.5
@@ -12,12 +12,12 @@ descending score, uint16, uint32 above 65,535 objects), with ``--save_overlay 1`
 file names, ``categories``, ``annotations`` = the COCO results with ``score`` and an ``id``), so
 ``COCO(path)`` loads it and ``gt.loadRes(data["annotations"])`` evaluates it. With
 ``--mask_folder`` of instance-label images (matched by file stem) it writes ``OUT/metrics.json``
-(COCO box and mask AP, :class:`coco_eval.CocoEvaluator`); every instance is class 1 for a run of
+(COCO box and mask AP, :class:`coco_ap.CocoEvaluator`); every instance is class 1 for a run of
 one foreground class, otherwise ``--class_folder`` holds semantic masks and an instance's class is
-the most frequent foreground class under it.
+the most frequent foreground class under it (``enki_seg.data.labels.majority_classes``).
 
 Tiles. The model sees tiles of ``tile_size`` (default: the training tile) cut as the semantic path
-cuts them (``inference.plan_tiles``: starts on the size multiple, reflection beyond the border,
+cuts them (``enki_seg.data.tiling.plan_tiles``: starts on the size multiple, reflection beyond the border,
 each tile normalized on its own window as in training), overlapping by ``overlap`` pixels (default
 a quarter tile); an image within one tile is padded by reflection to the size multiple and seen
 whole. Each tile has a *core*: the part of the image nearer to it than to its neighbours (the
@@ -50,10 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
-from enki_seg.evaluation import coco_ap as coco_eval
-from enki_seg.data import image_io
-from enki_seg.inference import semantic as inference
-from enki_seg.inference.semantic import InferenceError, Tile
+from enki_seg.data import image_io, tiling
+from enki_seg.data.labels import majority_classes, paint_instances
+from enki_seg.data.tiling import Tile
+from enki_seg.evaluation import coco_ap, instance_matching
+from enki_seg.files import atomic_write_text
+from enki_seg.inference import core
+from enki_seg.inference.core import InferenceError
 
 logger = logging.getLogger("inference")
 
@@ -93,17 +96,13 @@ class Detections:
         return dense
 
     def rles(self, height: int, width: int) -> list[dict]:
-        """COCO RLEs of the masks in a ``height`` x ``width`` image (``coco_eval.crop_to_rle``)."""
-        return [coco_eval.crop_to_rle(crop, y, x, height, width) for crop, (y, x) in zip(self.masks, self.offsets)]
+        """COCO RLEs of the masks in a ``height`` x ``width`` image (``coco_ap.crop_to_rle``)."""
+        return [coco_ap.crop_to_rle(crop, y, x, height, width) for crop, (y, x) in zip(self.masks, self.offsets)]
 
 
 def instance_labels(detections: Detections, height: int, width: int) -> np.ndarray:
     """(H, W) int32 instance labels: detection i (in score order) gets id i + 1; overlaps go to the higher score."""
-    labels = np.zeros((height, width), np.int32)
-    for index in range(len(detections) - 1, -1, -1):  # lowest score first: higher scores paint over it
-        crop, (y, x) = detections.masks[index], detections.offsets[index]
-        labels[y : y + crop.shape[0], x : x + crop.shape[1]][crop] = index + 1
-    return labels
+    return paint_instances(detections.scores, detections.masks, detections.offsets, (height, width))
 
 
 @dataclass
@@ -190,24 +189,24 @@ class Detector:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.margin = -(-overlap // 2)
-        self.stride = inference.tile_stride(tile_size, self.margin, size_multiple)  # ValueError when none is left
+        self.stride = tiling.tile_stride(tile_size, self.margin, size_multiple)  # ValueError when none is left
         self.predict_fn, self.paste_fn, self.normalize = predict_fn, paste_fn, normalize
         self.tile_size, self.overlap, self.batch_size = tile_size, overlap, batch_size
         self.score_threshold, self.size_multiple = score_threshold, size_multiple
 
     def plan(self, height: int, width: int) -> list[Tile]:
         """Tiles for an image of ``height`` x ``width`` (unpadded) pixels; their kept parts are the cores."""
-        padded_h, padded_w = inference.padded_size(height, width, self.size_multiple)
-        return inference.plan_tiles(padded_h, padded_w, self.tile_size, self.margin, self.size_multiple)
+        padded_h, padded_w = tiling.padded_size(height, width, self.size_multiple)
+        return tiling.plan_tiles(padded_h, padded_w, self.tile_size, self.margin, self.size_multiple)
 
     def detect(self, image: np.ndarray, progress=None) -> Detections:
         """Instances of an (H, W, C) image, merged across tiles; ``progress`` gets ``update(n)`` per batch."""
         height, width = image.shape[:2]
         tiles = self.plan(height, width)
-        padded = inference.padded_size(height, width, self.size_multiple)
+        padded = tiling.padded_size(height, width, self.size_multiple)
         parts = []
         index = 0
-        for group, batch in inference.normalized_batches(image, tiles, self.normalize, self.batch_size):
+        for group, batch in core.normalized_batches(image, tiles, self.normalize, self.batch_size):
             outputs = self.predict_fn(batch)
             for j, tile in enumerate(group):
                 parts.append(self._tile_candidates(outputs, j, tile, index, (height, width), padded))
@@ -255,12 +254,12 @@ class Detector:
 
 
 def write_instance_labels(path: Path, labels: np.ndarray) -> Path:
-    """(H, W) instance labels as uint16 (uint32 above 65,535 ids) TIFF or PNG (``inference.write_labels``)."""
+    """(H, W) instance labels as uint16 (uint32 above 65,535 ids) TIFF or PNG (``core.write_labels``)."""
     dtype = np.uint16 if int(labels.max(initial=0)) < 2**16 else np.uint32
     if dtype == np.uint32 and path.suffix.lower() == ".png":
         raise image_io.InputError(f"{path}: {int(labels.max())} instances do not fit a PNG (16 bits); "
                                   "use --output_format tif")
-    return inference.write_labels(path, labels.astype(dtype, copy=False))
+    return core.write_labels(path, labels.astype(dtype, copy=False))
 
 
 def write_instance_overlay(path: Path, image: np.ndarray, labels: np.ndarray, classes: np.ndarray,
@@ -268,11 +267,11 @@ def write_instance_overlay(path: Path, image: np.ndarray, labels: np.ndarray, cl
     """PNG of channel 0 with each instance's outline tinted by its class (``classes``: (N,) class of id k at k - 1)."""
     from skimage.segmentation import find_boundaries
 
-    step = max(1, -(-max(labels.shape) // inference.OVERLAY_MAX_SIDE))  # outlines of the preview, not thinned out
+    step = max(1, -(-max(labels.shape) // core.OVERLAY_MAX_SIDE))  # outlines of the preview, not thinned out
     small = labels[::step, ::step]
     class_of_id = np.concatenate([[0], np.asarray(classes, np.int64)])
     outlines = np.where(find_boundaries(small, mode="inner"), class_of_id[small], 0)
-    return inference.write_overlay(path, image[::step, ::step], outlines, num_classes)
+    return core.write_overlay(path, image[::step, ::step], outlines, num_classes)
 
 
 def _json_safe(value):
@@ -288,8 +287,7 @@ def _json_safe(value):
 
 def write_json(path: Path, data) -> Path:
     """``data`` as strict JSON (NaN written as null), atomically."""
-    with inference._Atomic(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(data), indent=1))
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=1))
     return path
 
 
@@ -302,7 +300,7 @@ def coco_results_file(images: list[dict], categories: list[dict], results: list[
 # ----------------------------------------------------------------------------- the CLI path
 
 
-def check_arguments(run: inference.RunInfo, args: argparse.Namespace) -> None:
+def check_arguments(run: core.RunInfo, args: argparse.Namespace) -> None:
     """InferenceError for flags that do not fit a Mask R-CNN run (before any model is loaded)."""
     if getattr(args, "save_probabilities", 0):
         raise InferenceError("--save_probabilities is for semantic runs; a maskrcnn run writes instance labels "
@@ -316,13 +314,13 @@ def check_arguments(run: inference.RunInfo, args: argparse.Namespace) -> None:
                              "instance its class")
 
 
-def model_functions(run: inference.RunInfo):
+def model_functions(run: core.RunInfo):
     """(predict_fn, paste_fn) of the run's model: a traced call returning numpy, and ``models.maskrcnn.paste_masks``."""
     import tensorflow as tf
 
     from models.maskrcnn import paste_masks
 
-    model = inference._load_model(run, check_outputs=False)
+    model = core.load_model(run, check_outputs=False)
     # no input signature: the model may need static tile sizes; reduce_retracing covers the last, smaller batch
     traced = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
 
@@ -332,7 +330,7 @@ def model_functions(run: inference.RunInfo):
     return predict, paste_masks
 
 
-def load_detector(run: inference.RunInfo, args: argparse.Namespace) -> Detector:
+def load_detector(run: core.RunInfo, args: argparse.Namespace) -> Detector:
     """A :class:`Detector` of the run's model with the CLI's tile, overlap, batch and threshold settings."""
     tile = args.tile_size or run.tile_size
     if tile is None:
@@ -348,24 +346,32 @@ def load_detector(run: inference.RunInfo, args: argparse.Namespace) -> Detector:
 
 
 def instance_classes(instances: np.ndarray, semantic_mask: np.ndarray | None, num_classes: int) -> np.ndarray:
-    """(N,) int class of each instance id 1..N: 1 without a semantic mask, else its most frequent foreground class."""
-    count = int(instances.max(initial=0))
-    if semantic_mask is None:
-        return np.ones(count, np.int64)
-    if semantic_mask.shape != instances.shape:
-        raise ValueError(f"class mask is {semantic_mask.shape[0]}x{semantic_mask.shape[1]} but the instance mask "
-                         f"is {instances.shape[0]}x{instances.shape[1]}")
-    semantic = np.clip(semantic_mask.astype(np.int64), 0, num_classes - 1)
-    votes = np.bincount((instances.astype(np.int64) * num_classes + semantic).ravel(),
-                        minlength=(count + 1) * num_classes).reshape(count + 1, num_classes)
-    return 1 + np.argmax(votes[1:, 1:], axis=1)  # background does not vote; no vote at all gives class 1
+    """(N,) int class of each ground-truth instance id 1..N for scoring (``majority_classes``).
+
+    1 without a semantic mask, else the majority foreground class under the instance. An object
+    without a class (entirely on background in the class mask, or an id that does not occur) is
+    scored as class 1, as without a class mask: the score stays defined where the builder would
+    refuse the data. Class-mask labels beyond the run's classes count as its last class.
+    """
+    if semantic_mask is not None:
+        semantic_mask = np.clip(semantic_mask.astype(np.int64), 0, num_classes - 1)
+    classes, _ = majority_classes(instances, semantic_mask)
+    return np.where(classes[1:] > 0, classes[1:], 1)
 
 
-def detect_folder(job: inference.Job, detector: Detector, args: argparse.Namespace) -> int:
-    """Detect, write and evaluate every file of ``job``; returns the exit code (0, or 1 on failures)."""
+def detect_folder(job: core.Job, detector, args: argparse.Namespace, categories: list[dict] | None = None) -> int:
+    """Detect, write and evaluate every file of ``job`` with ``detector`` (anything with
+    ``detect(image) -> Detections``); returns the exit code (0, or 1 on failures). ``categories`` (COCO
+    ``{"id", "name"}``) default to the run's classes 1..K-1.
+
+    With ``--mask_folder``, metrics.json holds COCO box/mask AP and ``instance_matching``: the per-image
+    object matching at IoU 0.5 ... 0.95 (``enki_seg.evaluation.instance_matching``), summed over the
+    folder and averaged over images, with the DSB2018 score."""
     run, output = job.run, job.output
-    categories = [{"id": k, "name": run.class_names[k]} for k in range(1, run.num_classes)]
-    evaluator = (coco_eval.CocoEvaluator([c["id"] for c in categories], {c["id"]: c["name"] for c in categories})
+    if categories is None:
+        categories = [{"id": k, "name": run.class_names[k]} for k in range(1, run.num_classes)]
+    matchings: list = []
+    evaluator = (coco_ap.CocoEvaluator([c["id"] for c in categories], {c["id"]: c["name"] for c in categories})
                  if job.masks is not None else None)
     class_masks = job.class_masks if evaluator is not None else None
     image_ids = {path: i for i, path in enumerate(job.files)}
@@ -384,7 +390,7 @@ def detect_folder(job: inference.Job, detector: Detector, args: argparse.Namespa
         image_id = image_ids[path]
         rles = detections.rles(height, width)
         images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})
-        results.extend(coco_eval.detections_to_coco_results(detections.boxes, detections.scores,
+        results.extend(coco_ap.detections_to_coco_results(detections.boxes, detections.scores,
                                                             detections.classes, rles, image_id))
         if evaluator is None:
             return
@@ -402,18 +408,21 @@ def detect_folder(job: inference.Job, detector: Detector, args: argparse.Namespa
             raise image_io.InputError(f"{path}: {class_masks[path.stem]}: {exc}") from None
         evaluator.add_image(image_id, height, width, truth, classes, detections.boxes, detections.scores,
                             detections.classes, rles)
+        matchings.append(instance_matching.match_image(truth, labels))
 
     started = time.perf_counter()
-    done = inference.process_images(job, args, handle)
+    done = core.process_images(job, handle)
     seconds = time.perf_counter() - started
     write_json(output / "detections.json", coco_results_file(sorted(images, key=lambda i: i["id"]),
                                                              categories, results))
     logger.info("%d detection(s) in %d image(s): %s", len(results), len(images), output / "detections.json")
     if evaluator is not None:
-        inference.warn_unmatched(unmatched, args.mask_folder)
+        core.warn_unmatched(unmatched, args.mask_folder)
         if evaluator.images:
             scores = evaluator.evaluate()
+            scores["instance_matching"] = instance_matching.folder_summary(matchings)
             write_json(output / "metrics.json", scores)
+            print(instance_matching.format_summary(scores["instance_matching"]), flush=True)
             print(f"COCO over {scores['images']} image(s), {scores['ground_truth']} objects: box AP "
                   f"{scores['box_AP']:.3f} (AP50 {scores['box_AP50']:.3f}, AP75 {scores['box_AP75']:.3f}), mask AP "
                   f"{scores['mask_AP']:.3f} (AP50 {scores['mask_AP50']:.3f}, AP75 {scores['mask_AP75']:.3f})"
@@ -421,4 +430,4 @@ def detect_folder(job: inference.Job, detector: Detector, args: argparse.Namespa
             logger.info("metrics: %s", output / "metrics.json")
         else:
             logger.warning("no image was evaluated: no image had a mask in %s", args.mask_folder)
-    return inference.finish(job, done, seconds)
+    return core.finish(job, done, seconds)

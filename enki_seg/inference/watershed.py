@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from enki_seg.data.instance_targets import BOUNDARY_CLASSES, INTERIOR
+from enki_seg.inference.instance import Detections
+
 
 @dataclass(frozen=True)
 class WatershedConfig:
@@ -58,3 +61,40 @@ def remove_small_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
     lut = np.zeros(count + 1, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels]
+
+
+def detections_from_labels(labels: np.ndarray, interior: np.ndarray) -> Detections:
+    """(H, W) instance labels + (H, W) interior probability -> ``Detections`` (sorted by descending
+    score; an object's score is its mean interior probability, class 1), so the Mask R-CNN outputs,
+    COCO results and metrics serve both methods."""
+    boxes, scores, masks, offsets = [], [], [], []
+    for k, window in enumerate(ndimage.find_objects(labels), start=1):
+        if window is None:
+            continue
+        crop = labels[window] == k
+        boxes.append([window[0].start, window[1].start, window[0].stop, window[1].stop])
+        scores.append(float(interior[window][crop].mean()))
+        masks.append(crop)
+        offsets.append([window[0].start, window[1].start])
+    order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+    return Detections(boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order],
+                      scores=np.asarray(scores, np.float32)[order],
+                      classes=np.ones(len(scores), np.int32),
+                      masks=[masks[i] for i in order],
+                      offsets=np.asarray(offsets, np.int64).reshape(-1, 2)[order])
+
+
+class BoundaryDetector:
+    """A boundary-target model ready for whole images, with the Mask R-CNN ``Detector``'s interface:
+    the ``Segmenter`` tiles and stitches the probabilities, the seeded watershed makes instances."""
+
+    def __init__(self, segmenter, config: WatershedConfig = WatershedConfig()):
+        if segmenter.num_classes != BOUNDARY_CLASSES:
+            raise ValueError(f"a boundary-target model has {BOUNDARY_CLASSES} classes, this one "
+                             f"{segmenter.num_classes}")
+        self.segmenter, self.config = segmenter, config
+
+    def detect(self, image: np.ndarray) -> Detections:
+        probabilities = self.segmenter.probabilities(image)
+        labels = instances_from_probabilities(probabilities, self.config)
+        return detections_from_labels(labels, probabilities[..., INTERIOR])

@@ -1,8 +1,8 @@
-"""Mask R-CNN for instance segmentation: config, Keras model and numpy helpers turning detections into labels."""
+"""Mask R-CNN for instance segmentation: config, Keras model and the numpy paste of masks into the image."""
 from __future__ import annotations
 
 from .config import MaskRCNNConfig
 from .model import MaskRCNN
-from .postprocess import detections_to_instance_labels, paste_masks
+from .postprocess import paste_masks
 
-__all__ = ["MaskRCNN", "MaskRCNNConfig", "detections_to_instance_labels", "paste_masks"]
+__all__ = ["MaskRCNN", "MaskRCNNConfig", "paste_masks"]

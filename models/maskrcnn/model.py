@@ -34,7 +34,9 @@ class MaskRCNN(keras.Model):
       (only with ``include_mask``; ``paste_masks`` places them in the image)
 
     ``compute_losses(...)`` returns per-image training losses (see there); the trainer averages them and adds
-    weight decay.
+    weight decay. Their anchor and ROI sampling is seeded by ``sampling_step``, a non-trainable int64
+    variable that every training call advances; it is one of the model's weights, so checkpoints and saved
+    models carry it and a resumed run samples what the uninterrupted run would have.
 
     Args:
         config: ``MaskRCNNConfig`` or its ``to_dict()``.
@@ -77,6 +79,9 @@ class MaskRCNN(keras.Model):
         self.mask_head = (build_mask_head(config.fpn_channels, config.mrcnn_resolution, config.mask_head_convs,
                                           config.mask_head_channels, num_classes)
                           if config.include_mask else None)
+        # only_first_replica: every replica advances it in step and all keep the first one's value
+        self.sampling_step = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                             aggregation="only_first_replica", name="sampling_step")
         # every weight exists now (the parts are functional models), so record the input signature that
         # model.export() and load_model() use: any batch and tile size
         self.build((None, None, None, self.input_channels))
@@ -149,9 +154,21 @@ class MaskRCNN(keras.Model):
             detections["masks"] = tf.where(valid[:, :, None, None], tf.sigmoid(mask_logits), 0.0)
         return detections
 
+    def _next_sampling_seed(self, advance: bool) -> tf.Tensor:
+        """(2,) int64 seed (replica id, sampling_step); then ``sampling_step += 1`` when ``advance``.
+
+        The replica id keeps replicas that see images of one global batch from sharing random keys.
+        """
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else context.replica_id_in_sync_group  # None: cross-replica context
+        seed = tf.stack([tf.cast(replica, tf.int64), tf.convert_to_tensor(self.sampling_step)])
+        if advance:
+            self.sampling_step.assign_add(1)
+        return seed
+
     @tf.autograph.experimental.do_not_convert
-    def compute_losses(self, images, gt_boxes, gt_classes, num_instances, instance_labels, training=True
-                       ) -> dict[str, tf.Tensor]:
+    def compute_losses(self, images, gt_boxes, gt_classes, num_instances, instance_labels, training=True,
+                       seed=None) -> dict[str, tf.Tensor]:
         """Per-image training losses; the caller averages them over the global batch.
 
         Args:
@@ -162,6 +179,9 @@ class MaskRCNN(keras.Model):
             num_instances: (B,) int32; 0 is valid (an all-background image).
             instance_labels: (B, H, W) int32 (or (B, H, W, 1)); id k is ``gt_boxes[:, k - 1]``.
             training: passed to the layers.
+            seed: (2,) int seed of the anchor (RPN) and ROI sampling, or None for (replica id,
+                ``sampling_step``), the step then advanced by one when ``training``. The same batch, weights
+                and seed give the same samples (with deterministic ops, the same losses).
 
         Returns:
             dict of (B,) float32: "rpn_score", "rpn_box", "box_class", "box_regression", "mask" (zero when
@@ -173,12 +193,15 @@ class MaskRCNN(keras.Model):
         gt_classes = tf.cast(gt_classes, tf.int32)
         num_instances = tf.cast(num_instances, tf.int32)
         height, width = tf.shape(images)[1], tf.shape(images)[2]
+        if seed is None:
+            seed = self._next_sampling_seed(advance=training)
+        rpn_seed, roi_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
         features, scores, deltas, anchors = self._first_stage(images, training)
 
         levels = sorted(scores)
         rpn_target = rpn_targets(tf.concat([anchors[level] for level in levels], axis=0), gt_boxes, num_instances,
                                  config.rpn_positive_overlap, config.rpn_negative_overlap,
-                                 config.rpn_batch_size_per_im, config.rpn_fg_fraction)
+                                 config.rpn_batch_size_per_im, config.rpn_fg_fraction, seed=rpn_seed)
         rpn_score, rpn_box = rpn_losses(tf.concat([scores[level] for level in levels], axis=1),
                                         tf.concat([deltas[level] for level in levels], axis=1), rpn_target)
 
@@ -187,7 +210,7 @@ class MaskRCNN(keras.Model):
             config.rpn_nms_threshold, config.rpn_min_size)
         sample = sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, num_instances,
                              config.batch_size_per_im, config.fg_fraction, config.fg_thresh, config.bg_thresh_hi,
-                             config.bg_thresh_lo, config.bbox_reg_weights)
+                             config.bg_thresh_lo, config.bbox_reg_weights, seed=roi_seed)
         batch, num_rois = tf.shape(gt_boxes)[0], config.batch_size_per_im
         class_logits, box_deltas = self.box_head(self._pool(features, sample["rois"], config.roi_pool_size),
                                                  training=training)

@@ -1,4 +1,7 @@
-"""Detections from box-head outputs (TF, fixed size) and masks pasted into label images (numpy)."""
+"""Detections from box-head outputs (TF, fixed size) and masks pasted into the image (numpy).
+
+Detections become one instance label image with ``enki_seg.data.labels.paint_instances``.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -95,28 +98,3 @@ def _interpolation_matrix(positions: np.ndarray, size: int) -> np.ndarray:
     weights[np.arange(len(positions)), high] += fraction
     return weights
 
-
-def detections_to_instance_labels(boxes: np.ndarray, scores: np.ndarray, masks_bool: np.ndarray) -> np.ndarray:
-    """One instance label image from pasted detection masks.
-
-    Args:
-        boxes: (N, 4) float, the detections' boxes (only their count is used; kept for symmetry with the
-            model's outputs).
-        scores: (N,) float.
-        masks_bool: (N, H, W) bool, e.g. from ``paste_masks``.
-
-    Returns:
-        (H, W) int32: 0 background, detection of score rank r (0 = best) labelled r + 1; where masks
-        overlap the higher score wins (a detection fully covered by better ones has no pixels).
-    """
-    masks_bool = np.asarray(masks_bool, bool)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    if len(np.asarray(boxes).reshape(-1, 4)) != len(scores) or len(scores) != len(masks_bool):
-        raise ValueError(f"boxes, scores and masks disagree on the count: {len(np.asarray(boxes).reshape(-1, 4))}, "
-                         f"{len(scores)}, {len(masks_bool)}")
-    labels = np.zeros(masks_bool.shape[1:], np.int32)
-    order = np.argsort(-scores, kind="stable")
-    # paint the worst first so that better detections overwrite it
-    for rank in range(len(order) - 1, -1, -1):
-        labels[masks_bool[order[rank]]] = rank + 1
-    return labels

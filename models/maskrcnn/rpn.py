@@ -40,7 +40,7 @@ def valid_gt_mask(gt_boxes: tf.Tensor, num_gt: tf.Tensor) -> tf.Tensor:
 
 def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, num_gt: tf.Tensor, positive_overlap: float = 0.7,
                 negative_overlap: float = 0.3, batch_size_per_im: int = 256, fg_fraction: float = 0.5,
-                seed=None) -> dict[str, tf.Tensor]:
+                seed=(0, 0)) -> dict[str, tf.Tensor]:
     """Label and sample anchors for the RPN loss (batched over images).
 
     Positive: IoU >= ``positive_overlap`` with a valid gt, or among the anchors of highest IoU with some
@@ -51,6 +51,7 @@ def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, num_gt: tf.Tensor, posi
         anchors: (N, 4) float32 pixels, all levels concatenated.
         gt_boxes: (B, M, 4) float32 pixels; slots at or beyond ``num_gt`` or of zero size are padding.
         num_gt: (B,) int32.
+        seed: (2,) int stateless seed of the sampling (see ``sample_positives_negatives``).
 
     Returns:
         dict with "labels" (B, N) int32 (1 positive, 0 negative, -1 ignored, before sampling),

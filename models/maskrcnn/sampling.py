@@ -1,11 +1,11 @@
-"""Fixed-size random subsampling of positives and negatives, batched and static-shaped (for tf.function)."""
+"""Fixed-size seeded subsampling of positives and negatives, batched and static-shaped (for tf.function)."""
 from __future__ import annotations
 
 import tensorflow as tf
 
 
 def sample_positives_negatives(positive: tf.Tensor, negative: tf.Tensor, sample_size: int,
-                               positive_fraction: float, seed=None) -> tuple[tf.Tensor, tf.Tensor]:
+                               positive_fraction: float, seed=(0, 0)) -> tuple[tf.Tensor, tf.Tensor]:
     """Pick at most ``sample_size`` candidates per row, at most ``positive_fraction`` of them positive.
 
     Positives are drawn first (up to ``round(sample_size * positive_fraction)``) and negatives fill the
@@ -16,6 +16,8 @@ def sample_positives_negatives(positive: tf.Tensor, negative: tf.Tensor, sample_
         positive, negative: (B, N) bool, disjoint.
         sample_size: int, static.
         positive_fraction: float in [0, 1].
+        seed: (2,) int32/int64 seed of the stateless random order: the same inputs and seed give the
+            same sample, on any device and after a resume (the caller varies it from step to step).
 
     Returns:
         (sampled_positive, sampled_negative): (B, N) bool masks.
@@ -25,7 +27,7 @@ def sample_positives_negatives(positive: tf.Tensor, negative: tf.Tensor, sample_
         num_candidates = tf.shape(positive)[-1]
     max_positives = int(round(sample_size * positive_fraction))
     shape = tf.shape(positive)
-    keys = tf.random.uniform(shape, 0.0, 1.0, seed=seed)
+    keys = tf.random.stateless_uniform(shape, seed, 0.0, 1.0)
 
     def pick(mask, quota, k):
         """The first ``quota`` (B,) of ``mask``'s candidates in a random order, as a (B, N) mask."""

@@ -12,7 +12,7 @@ from .sampling import sample_positives_negatives
 def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Tensor, gt_classes: tf.Tensor,
                 num_gt: tf.Tensor, batch_size_per_im: int = 512, fg_fraction: float = 0.25,
                 fg_thresh: float = 0.5, bg_thresh_hi: float = 0.5, bg_thresh_lo: float = 0.0,
-                bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), seed=None) -> dict[str, tf.Tensor]:
+                bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), seed=(0, 0)) -> dict[str, tf.Tensor]:
     """Sample a fixed number of ROIs per image and their targets (batched).
 
     The gt boxes join the proposals as candidates (so every object has a perfect ROI early in training).
@@ -23,6 +23,8 @@ def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Te
     Args:
         proposals: (B, P, 4) float32 pixels; proposal_valid (B, P) bool.
         gt_boxes: (B, M, 4) float32 pixels; gt_classes (B, M) int32 in 1..num_classes-1; num_gt (B,) int32.
+        seed: (2,) int stateless seed of the sampling and of the order of the sampled ROIs: the same
+            inputs and seed give the same sample.
 
     Returns:
         dict of (B, S = batch_size_per_im, ...) tensors: "rois" (.., 4) float32, "classes" int32 (gt class
@@ -49,10 +51,11 @@ def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Te
     # no valid gt (max_iou = -1): every valid proposal is background
     max_iou_bg = tf.maximum(max_iou, 0.0)
     background = candidate_valid & ~foreground & (max_iou_bg < bg_thresh_hi) & (max_iou_bg >= bg_thresh_lo)
+    sampling_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     sampled_fg, sampled_bg = sample_positives_negatives(foreground, background, batch_size_per_im, fg_fraction,
-                                                        seed=seed)
+                                                        seed=sampling_seed)
     # order the sample: foreground (key 2..3), background (1..2), unsampled (0); ties broken at random
-    keys = tf.random.uniform(tf.shape(max_iou), seed=seed)
+    keys = tf.random.stateless_uniform(tf.shape(max_iou), order_seed)
     keys = tf.where(sampled_fg, 2.0 + keys, tf.where(sampled_bg, 1.0 + keys, 0.0))
     order_keys, order = tf.math.top_k(keys, k=batch_size_per_im)
     rois = tf.gather(candidates, order, batch_dims=1)

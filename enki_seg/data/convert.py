@@ -1,0 +1,149 @@
+"""Converts one source image and its labels into encoded records: read, check, tile, encode.
+
+Runs in the builder's worker processes, so everything here is a plain function of picklable
+arguments; bad input raises InputError naming the file and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from enki_seg.data import coco
+from enki_seg.data import image_io
+from enki_seg.data import records
+from enki_seg.data import tiling
+from enki_seg.data.image_io import InputError
+from enki_seg.data.labels import majority_classes
+from enki_seg.data.sources import Source
+
+
+@dataclass
+class ConvertOptions:
+    """The build settings a worker needs (the whole BuildConfig is not sent to every worker)."""
+
+    use_tiling: bool
+    tile_size: int
+    tile_overlap: int
+    number_classes: int | None
+    compression: str
+    class_map: dict[int, int] = field(default_factory=dict)  # COCO category id -> class id
+
+
+@dataclass
+class SourceResult:
+    """What a worker returns for one source: encoded records and their bookkeeping."""
+
+    values: list[bytes]
+    tiles: list[records.RecordSource]
+    class_pixels: list[dict[int, int]]
+    stats: tuple  # records.ChannelStats.partial of the whole source image
+    has_instances: bool
+    image_dtype: str
+    channels: int
+    mask_dtype: str
+    warnings: list[str]
+
+
+def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
+    """Read, validate, tile and encode one source image."""
+    image = image_io.read_image(source.image)
+    warnings: list[str] = []
+    semantic = instance = classes_by_id = None
+    if source.coco_entry is not None:
+        dataset = coco.CocoDataset({}, options.class_map, {}, [])
+        instance, semantic, classes = coco.rasterize(source.coco_entry, dataset, *image.shape[:2], warnings)
+        classes_by_id = np.concatenate([[0], classes]).astype(np.int32)
+    else:
+        if source.mask is not None:
+            semantic = image_io.read_labels(source.mask, "mask")
+            _check_same_size(image, semantic, source.image, source.mask)
+        if source.instance is not None:
+            instance = image_io.read_labels(source.instance, "instance labels")
+            _check_same_size(image, instance, source.image, source.instance)
+            classes_by_id, on_background = majority_classes(instance, semantic)
+            if on_background.size:  # the record format needs a class for every object
+                raise InputError(f"instance labels {source.instance}: object {int(on_background[0])} lies "
+                                 "entirely on background in the semantic mask; fix the mask or the instance labels")
+            if semantic is None:
+                semantic = (instance > 0).astype(np.uint8)
+    label_path = source.mask or source.instance or source.image
+    max_label = int(semantic.max())
+    if options.number_classes is not None and max_label >= options.number_classes:
+        found = np.unique(semantic)
+        bad = found[found >= options.number_classes]
+        raise InputError(
+            f"mask {label_path} has labels {bad.tolist()} >= --number_classes {options.number_classes}; "
+            "raise --number_classes or fix the mask"
+        )
+    height, width = image.shape[:2]
+    if options.use_tiling:
+        if height < options.tile_size or width < options.tile_size:
+            raise InputError(
+                f"image {source.image} is {height}x{width}, smaller than --tile_size {options.tile_size}; "
+                "use a smaller --tile_size or --use_tiling 0"
+            )
+        size = options.tile_size
+        positions = tiling.tile_grid(height, width, size, options.tile_overlap)
+        tile_h = tile_w = size
+    else:
+        positions = [(0, 0)]
+        tile_h, tile_w = height, width
+    # channel statistics over the source pixels (once per image, not per possibly-overlapping tile)
+    result = SourceResult([], [], [], records.ChannelStats.partial(image),
+                          instance is not None, str(image.dtype), image.shape[2], str(semantic.dtype),
+                          warnings)
+    for y, x in positions:
+        window = (slice(y, y + tile_h), slice(x, x + tile_w))
+        tile_image = image[window]
+        tile_mask = semantic[window]
+        tile_inst = tile_classes = None
+        if instance is not None:
+            tile_inst, tile_classes = _compact_instances(instance[window], classes_by_id)
+        example = records.Example(tile_image, np.ascontiguousarray(tile_mask), tile_inst, tile_classes)
+        result.values.append(records.encode_example(example, options.compression))
+        result.tiles.append(records.RecordSource(
+            image=source.image.name, mask=source.mask.name if source.mask else None,
+            instance=source.instance.name if source.instance else None,
+            y=y, x=x, height=tile_h, width=tile_w))
+        result.class_pixels.append(_class_pixels(tile_mask))
+    return result
+
+
+def convert_task(task: tuple[Source, ConvertOptions]) -> tuple[str, SourceResult | str]:
+    """Worker-pool entry point: ("ok", result) or ("bad", message), so the parent decides what to do."""
+    source, options = task
+    try:
+        return "ok", convert_source(source, options)
+    except InputError as exc:
+        return "bad", str(exc)
+
+
+def _check_same_size(image, labels, image_path, label_path):
+    if labels.shape != image.shape[:2]:
+        raise InputError(
+            f"{label_path} is {labels.shape[0]}x{labels.shape[1]} but image {image_path} is "
+            f"{image.shape[0]}x{image.shape[1]}; image and labels must be the same size"
+        )
+
+
+def _compact_instances(tile: np.ndarray, classes_by_id: np.ndarray):
+    """Renumber the objects visible in a tile 1..N; returns labels and their (N,) class ids."""
+    ids = np.unique(tile)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return np.zeros(tile.shape, np.uint16), np.zeros(0, np.int32)
+    dtype = records.smallest_label_dtype(ids.size)
+    if dtype == np.uint8:
+        dtype = np.dtype(np.uint16)  # instance labels are uint16 or int32, never uint8
+    compact = np.searchsorted(ids, tile).astype(dtype) + 1
+    compact[tile == 0] = 0
+    return np.ascontiguousarray(compact), classes_by_id[ids].astype(np.int32)
+
+
+def _class_pixels(mask: np.ndarray) -> dict[int, int]:
+    if mask.dtype.itemsize <= 2:
+        counts = np.bincount(mask.ravel())
+        return {int(c): int(n) for c, n in enumerate(counts) if n}
+    values, counts = np.unique(mask, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}

@@ -1,0 +1,131 @@
+"""Writes what the builder produces: records into a new LMDB, each database's metadata entry, the manifest.
+
+The bytes of records and of the metadata entry come from ``records.py``; this module only stores
+them, under ``records.record_key(index)`` and ``records.METADATA_KEY``.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from enki_seg.data import records
+from enki_seg.data.convert import SourceResult
+from enki_seg.data.image_io import InputError
+
+logger = logging.getLogger(__name__)
+
+MIN_MAP_SIZE = 64 << 20
+_COMMIT_BYTES = 256 << 20  # commit a write transaction about every this many bytes
+
+
+class LmdbWriter:
+    """Writes records to a new LMDB, growing the map when it is full."""
+
+    def __init__(self, path: Path, initial_map_size: int):
+        self.path = path
+        self.map_size = max(MIN_MAP_SIZE, int(initial_map_size))
+        self.env = lmdb.open(str(path), map_size=self.map_size, subdir=True, sync=False,
+                             metasync=False, readahead=False, meminit=False, max_dbs=0)
+        self.bytes = 0
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._pending.append((key, value))
+        self._pending_bytes += len(value)
+        if self._pending_bytes >= _COMMIT_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value, overwrite=False)
+                break
+            except lmdb.MapFullError:
+                self.map_size *= 2
+                logger.debug("LMDB map full; growing %s to %d MB", self.path.name, self.map_size >> 20)
+                self.env.set_mapsize(self.map_size)
+        self.bytes += self._pending_bytes
+        self._pending = []
+        self._pending_bytes = 0
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.sync(True)
+            self.env.close()
+            self.env = None
+
+
+@dataclass
+class SplitAccumulator:
+    """Builds the metadata of one database while its records are written."""
+
+    name: str
+    sources: list[records.RecordSource] = field(default_factory=list)
+    class_records: dict[int, list[int]] = field(default_factory=dict)
+    class_pixels: dict[int, int] = field(default_factory=dict)
+    stats: records.ChannelStats | None = None
+    shapes: set = field(default_factory=set)
+    image_dtype: str | None = None
+    channels: int | None = None
+    mask_dtypes: set = field(default_factory=set)
+    has_instances: bool | None = None
+    source_images: int = 0
+
+    def add(self, result: SourceResult, writer: LmdbWriter) -> None:
+        """Write the records of one source and count them; raises InputError on mixed pixel types."""
+        if self.image_dtype is None:
+            self.image_dtype, self.channels = result.image_dtype, result.channels
+            self.stats = records.ChannelStats(result.channels)
+            self.has_instances = result.has_instances
+        elif (result.image_dtype, result.channels) != (self.image_dtype, self.channels):
+            raise InputError(
+                f"image {result.tiles[0].image} is {result.image_dtype} with {result.channels} channel(s) "
+                f"but earlier images are {self.image_dtype} with {self.channels}; all images of a "
+                "dataset must share pixel type and channel count"
+            )
+        self.source_images += 1
+        self.mask_dtypes.add(result.mask_dtype)
+        self.stats.add_partial(*result.stats)
+        for value, tile, pixels in zip(result.values, result.tiles, result.class_pixels):
+            index = len(self.sources)
+            writer.put(records.record_key(index), value)
+            self.sources.append(tile)
+            self.shapes.add((tile.height, tile.width))
+            for class_id, count in pixels.items():
+                self.class_records.setdefault(class_id, []).append(index)
+                self.class_pixels[class_id] = self.class_pixels.get(class_id, 0) + count
+
+    def metadata(self, *, tile_size: int | None, compression: str, number_classes: int | None,
+                 split_seed: int, build_args: dict, class_names: dict[int, str]) -> records.DatasetMetadata:
+        (height, width) = next(iter(self.shapes)) if len(self.shapes) == 1 else (None, None)
+        widest = max(self.mask_dtypes, key=lambda d: np.dtype(d).itemsize)
+        return records.DatasetMetadata(
+            record_count=len(self.sources), image_dtype=self.image_dtype, channels=self.channels,
+            tile_size=tile_size, record_height=height, record_width=width, mask_dtype=widest,
+            has_instances=bool(self.has_instances),
+            class_ids=sorted(self.class_pixels), class_records=self.class_records,
+            class_pixel_counts=self.class_pixels, channel_stats=self.stats.as_dict(),
+            split=self.name, split_seed=split_seed, compression=compression,
+            build_args=build_args, sources=self.sources,
+            number_classes=number_classes, class_names=class_names,
+        )
+
+
+def write_manifest(path: Path, accumulators: dict[str, SplitAccumulator]) -> None:
+    """CSV: which source file and window went to which record of which database."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "record", "source_image", "source_mask", "source_instance", "y", "x",
+                         "height", "width"])
+        for name, acc in accumulators.items():
+            for index, src in enumerate(acc.sources):
+                writer.writerow([name, index, src.image, src.mask or "", src.instance or "", src.y, src.x,
+                                 src.height, src.width])

@@ -1,0 +1,185 @@
+"""The settings every trainer shares: ``BaseTrainConfig``, its command-line flags (NIST's names), the
+mapping of a ``--config`` file plus flags onto a trainer's config dataclass, and the checks of those
+settings against the databases before any work.
+
+A trainer's config dataclass (``unet.TrainConfig``, ``maskrcnn.MaskRCNNTrainConfig``) subclasses
+``BaseTrainConfig`` with its model's fields; ``config.json``'s ``train`` section is that dataclass.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import augment
+from enki_seg.cli import parse_key_values
+from enki_seg.data import records
+from enki_seg.data.normalization import METHODS as NORMALIZATIONS
+from enki_seg.training.distribution import DISTRIBUTIONS
+from enki_seg.training.errors import TrainError
+
+
+@dataclass
+class BaseTrainConfig:
+    """Settings every trainer has; a trainer's config dataclass adds its model's fields."""
+
+    train_database: str = ""
+    test_database: str = ""
+    output_dir: str = ""
+    batch_size: int = 8                  # per replica
+    number_classes: int = 2              # including background
+    learning_rate: float = 1e-4
+    test_every_n_steps: int = 1000
+    balance_classes: bool = False
+    use_augmentation: bool = True
+    early_stopping: int = 10             # test intervals without improvement; 0 = never stop early
+    reader_count: int = 1                # reader processes per replica
+    augmentation_config: str | None = None
+    augmentation: dict = field(default_factory=dict)  # overrides of AugmentConfig fields
+    normalization: str = "zscore"
+    seed: int = 0
+    mixed_precision: bool = False
+    max_steps: int | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9                # sgd (and rmsprop)
+    lr_schedule: str = "constant"
+    lr_decay_steps: list[int] | None = None    # TAO's learning_rate_steps
+    lr_decay_levels: list[float] | None = None  # TAO's learning_rate_decay_levels (multipliers of the base rate)
+    warmup_steps: int | None = None      # None: NIST's, the first test interval (at most 1000 steps)
+    weight_decay: float = 0.0
+    monitor: str = "loss"
+    deterministic: bool = False
+    cpu_replicas: int = 0                # >1: MirroredStrategy over that many logical CPUs (no GPU)
+    distribution: str = "auto"           # auto | mirrored | multi_worker
+    log_every: int = 10
+    test_images: int = 3                 # test images shown in TensorBoard each interval
+
+    def resolved_warmup(self) -> int:
+        return min(self.test_every_n_steps, 1000) if self.warmup_steps is None else self.warmup_steps
+
+    def augment_config(self) -> augment.AugmentConfig | None:
+        if not self.use_augmentation:
+            return None
+        base = augment.AugmentConfig.from_file(self.augmentation_config) if self.augmentation_config \
+            else augment.AugmentConfig()
+        return augment.AugmentConfig.from_dict({**base.to_dict(), **self.augmentation})
+
+
+# Settings that may differ between a run and its continuation without making it "a different run".
+# The database paths may change too (launch/ copies them to node-local scratch, a new path per job):
+# run_folder.check_resumed_data() compares their contents' record counts with the run's instead.
+RESUME_IGNORED = ("max_steps", "log_every", "cpu_replicas", "reader_count", "test_images", "distribution",
+                  "train_database", "test_database")
+
+
+def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], defaults: BaseTrainConfig) -> None:
+    """The flags every trainer accepts (NIST's names); defaults come from the trainer's config class."""
+    p.add_argument("--config", help="JSON/YAML file of config fields; flags override it")
+    p.add_argument("--train_database", help="train LMDB (required)")
+    p.add_argument("--test_database", help="test LMDB (required)")
+    p.add_argument("--output_dir", help="run folder (required)")
+    p.add_argument("--batch_size", type=int, help=f"per-replica batch size (default {defaults.batch_size})")
+    p.add_argument("--number_classes", type=int, help=f"classes including background ({defaults.number_classes})")
+    p.add_argument("--learning_rate", type=float, help=f"default {defaults.learning_rate:g}")
+    p.add_argument("--test_every_n_steps", type=int, help=f"steps between test intervals ({defaults.test_every_n_steps})")
+    p.add_argument("--balance_classes", type=int, choices=(0, 1), help="class-balanced sampling")
+    p.add_argument("--use_augmentation", type=int, choices=(0, 1), help="default 1")
+    p.add_argument("--early_stopping", type=int, help="intervals without improvement before stopping (10)")
+    p.add_argument("--reader_count", type=int, help="reader processes per replica (default 1)")
+    p.add_argument("--augmentation_config", help="JSON/YAML file of augmentation settings")
+    p.add_argument("--augment", action="append", metavar="KEY=VALUE",
+                   help="override one augmentation setting, e.g. --augment rotation=false --augment jitter=0.2")
+    p.add_argument("--normalization", choices=NORMALIZATIONS)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed_precision", type=int, choices=(0, 1))
+    p.add_argument("--max_steps", type=int)
+    p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--lr_schedule", choices=("constant", "cosine", "step", "polynomial"))
+    p.add_argument("--lr_decay_steps", type=int, nargs="+", help="steps of the 'step' schedule")
+    p.add_argument("--lr_decay_levels", type=float, nargs="+",
+                   help="'step' schedule: multiplier of the learning rate from each decay step on (default 0.1, 0.01, ...)")
+    p.add_argument("--warmup_steps", type=int, help="steps at a tenth of the learning rate")
+    p.add_argument("--weight_decay", type=float)
+    p.add_argument("--monitor", choices=monitors, help=f"early-stopping value ({defaults.monitor})")
+    p.add_argument("--deterministic", type=int, choices=(0, 1), help="TF op determinism + seeded reader")
+    p.add_argument("--cpu_replicas", type=int, help="MirroredStrategy over N logical CPUs (no GPU)")
+    p.add_argument("--distribution", choices=DISTRIBUTIONS,
+                   help="auto (default): multi_worker when TF_CONFIG or a multi-task srun step is present")
+    p.add_argument("--log_every", type=int)
+    p.add_argument("--test_images", type=int)
+    p.add_argument("--resume", type=int, choices=(0, 1), default=0,
+                   help="continue the run in --output_dir (also automatic when the settings match)")
+    p.add_argument("--verbose", type=int, choices=(0, 1), default=0,
+                   help="also show TensorFlow's start-up lines and INFO logs (not a setting of the run)")
+
+
+def build_config(args: argparse.Namespace, config_class):
+    """Config dataclass from --config file values overridden by flags; TrainError on bad settings."""
+    import yaml
+
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.exists():
+            raise TrainError(f"--config {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise TrainError(f"--config {path} must hold a mapping of settings")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise TrainError(f"--config {args.config}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
+    for key, value in vars(args).items():
+        if key in fields:
+            values[key] = bool(value) if fields[key].type == "bool" else value
+    overrides = parse_key_values(getattr(args, "augment", None), "--augment", TrainError)
+    if overrides:
+        values["augmentation"] = {**values.get("augmentation", {}),
+                                  **{key: yaml.safe_load(value) for key, value in overrides.items()}}
+    config = config_class(**values)
+    for name in ("train_database", "test_database", "output_dir"):
+        if not getattr(config, name):
+            raise TrainError(f"--{name} is required")
+    try:
+        config.augment_config()
+    except (ValueError, OSError) as exc:
+        raise TrainError(f"augmentation settings: {exc}") from None
+    if config.distribution not in DISTRIBUTIONS:
+        raise TrainError(f"--distribution {config.distribution!r} must be one of {', '.join(DISTRIBUTIONS)}")
+    if config.lr_schedule != "constant" and config.max_steps is None and not (
+            config.lr_schedule == "step" and config.lr_decay_steps):
+        raise TrainError(f"--lr_schedule {config.lr_schedule} needs --max_steps")
+    if config.lr_decay_levels is not None and len(config.lr_decay_levels) != len(config.lr_decay_steps or []):
+        raise TrainError(f"--lr_decay_levels has {len(config.lr_decay_levels)} values but --lr_decay_steps has "
+                         f"{len(config.lr_decay_steps or [])}; give one level per step")
+    return config
+
+
+def check_databases(config: BaseTrainConfig):
+    """(train, test) DatasetMetadata; TrainError before any work for missing databases, mismatched
+    channels/dtype or class ids beyond --number_classes."""
+    metas = {}
+    for name in ("train_database", "test_database"):
+        path = getattr(config, name)
+        if not Path(path).is_dir():
+            raise TrainError(f"--{name} {path} does not exist (build it with build_lmdb.py)")
+        try:
+            metas[name] = records.read_metadata(path)
+        except records.RecordError as exc:
+            raise TrainError(f"--{name}: {exc}") from None
+    train, test = metas["train_database"], metas["test_database"]
+    if (train.channels, train.image_dtype) != (test.channels, test.image_dtype):
+        raise TrainError(
+            f"train database {config.train_database} has {train.channels} channel(s) of {train.image_dtype} but "
+            f"test database {config.test_database} has {test.channels} of {test.image_dtype}; build both "
+            "from the same kind of images"
+        )
+    found = sorted(set(train.class_ids) | set(test.class_ids))
+    if found and max(found) >= config.number_classes:
+        raise TrainError(
+            f"the databases hold class ids {found} but --number_classes is {config.number_classes}; "
+            f"use --number_classes {max(found) + 1}"
+        )
+    return train, test

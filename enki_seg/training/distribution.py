@@ -1,0 +1,122 @@
+"""Devices and distribution: TensorFlow's device setup, the multi-worker cluster this process belongs
+to, and the one ``make_strategy``.
+
+``--distribution``: ``mirrored`` = MirroredStrategy over the GPUs of this machine (or
+``--cpu_replicas`` logical CPUs); ``multi_worker`` = MultiWorkerMirroredStrategy with one process per
+node, the cluster taken from TF_CONFIG or, inside ``srun``, from SLURM's variables (``slurm.py``);
+``auto`` (default) picks multi_worker when TF_CONFIG or a multi-task SLURM step is present.
+
+TensorFlow is imported inside the functions that need it: resolving the cluster happens before it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from enki_seg.training.errors import TrainError
+from enki_seg.training.slurm import tf_config_from_slurm
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("auto", "mirrored", "multi_worker")
+
+
+@dataclass
+class Cluster:
+    """Who this process is in a multi-worker run (one worker, index 0, when not distributed over nodes)."""
+
+    num_workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
+
+    @property
+    def multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+
+def resolve_cluster(distribution: str, environ=os.environ) -> Cluster | None:
+    """The multi-worker cluster this process belongs to, or None for a single-process run.
+
+    Sets TF_CONFIG from SLURM's variables when running inside a multi-task ``srun`` step without one
+    (TF's SlurmClusterResolver needs nvidia-smi and fails on CPU-only nodes).
+    """
+    if distribution == "mirrored":
+        return None
+    if not environ.get("TF_CONFIG"):
+        tf_config = tf_config_from_slurm(environ)
+        if tf_config is not None:
+            environ["TF_CONFIG"] = json.dumps(tf_config)
+    raw = environ.get("TF_CONFIG")
+    if not raw:
+        if distribution == "multi_worker":
+            raise TrainError("--distribution multi_worker needs TF_CONFIG or a multi-task srun step "
+                             "(start the workers with launch/local.py or srun)")
+        return None
+    try:
+        tf_config = json.loads(raw)
+        workers = tf_config["cluster"]["worker"]
+        index = int(tf_config["task"]["index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"TF_CONFIG is not valid ({exc!r}); it needs cluster.worker and task.index") from None
+    if len(workers) < 2 and distribution == "auto":
+        return None
+    return Cluster(num_workers=len(workers), worker_index=index)
+
+
+def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: int = 0,
+                      mixed_precision: bool = False):
+    """Set up TensorFlow before its first op; returns the tensorflow module.
+
+    cpu_replicas > 1 splits the CPU into that many logical devices (real MirroredStrategy without a
+    GPU: tests and laptops). deterministic turns on TF op determinism and seeds Keras.
+    """
+    import tensorflow as tf
+
+    if cpu_replicas > 1:
+        cpus = tf.config.list_physical_devices("CPU")
+        current = tf.config.get_logical_device_configuration(cpus[0])
+        if current is None or len(current) < cpu_replicas:  # set once per process, before the first op
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return tf
+
+
+def make_strategy(cluster: Cluster | None = None, cpu_replicas: int = 0, deterministic: bool = False,
+                  seed: int = 0, mixed_precision: bool = False):
+    """Configure TensorFlow and create the strategy, before any other TF op (MultiWorkerMirroredStrategy's
+    rule); returns ``(tf, strategy)``.
+
+    Several workers: MultiWorkerMirroredStrategy (each worker mirrors over its GPUs, or uses one CPU).
+    One process: MirroredStrategy over the visible GPUs, else over ``cpu_replicas`` > 1 logical CPUs,
+    else TensorFlow's default strategy.
+    """
+    if cluster is not None and cluster.multi_worker:
+        if cpu_replicas > 1:
+            logger.warning("--cpu_replicas is ignored with several workers: each worker uses its GPUs or one CPU")
+        tf = configure_devices(0, deterministic, seed, mixed_precision)
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        logger.info("worker %d of %d: MultiWorkerMirroredStrategy with %d replica(s) in sync",
+                    cluster.worker_index, cluster.num_workers, strategy.num_replicas_in_sync)
+        return tf, strategy
+    tf = configure_devices(cpu_replicas, deterministic, seed, mixed_precision)
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return tf, tf.distribute.MirroredStrategy([g.name for g in gpus])
+    if cpu_replicas > 1:
+        cpus = tf.config.list_logical_devices("CPU")[:cpu_replicas]
+        return tf, tf.distribute.MirroredStrategy([c.name for c in cpus])
+    return tf, tf.distribute.get_strategy()
