@@ -157,9 +157,9 @@ def build_config(args: argparse.Namespace, config_class):
     return config
 
 
-def check_databases(config: BaseTrainConfig):
+def check_databases(config: BaseTrainConfig, check_class_ids: bool = True):
     """(train, test) DatasetMetadata; TrainError before any work for missing databases, mismatched
-    channels/dtype or class ids beyond --number_classes."""
+    channels/dtype or (``check_class_ids``) class ids beyond --number_classes."""
     metas = {}
     for name in ("train_database", "test_database"):
         path = getattr(config, name)
@@ -177,7 +177,7 @@ def check_databases(config: BaseTrainConfig):
             "from the same kind of images"
         )
     found = sorted(set(train.class_ids) | set(test.class_ids))
-    if found and max(found) >= config.number_classes:
+    if check_class_ids and found and max(found) >= config.number_classes:
         raise TrainError(
             f"the databases hold class ids {found} but --number_classes is {config.number_classes}; "
             f"use --number_classes {max(found) + 1}"

@@ -12,7 +12,8 @@ import numpy as np
 
 from enki_seg.evaluation import metrics as seg_metrics
 from enki_seg.training import loop
-from enki_seg.training.config import BaseTrainConfig, add_common_arguments
+from enki_seg.data import instance_targets
+from enki_seg.training.config import BaseTrainConfig, add_common_arguments, check_databases
 from enki_seg.training.config import build_config as build_base_config
 from enki_seg.training.errors import TrainError
 from enki_seg.visualize import overlay
@@ -32,6 +33,8 @@ class TrainConfig(BaseTrainConfig):
     loss: str = "cross_entropy"
     class_weights: list[float] | None = None
     monitor: str = "loss"                # loss | iou | dice
+    instance_target: str = ""            # "" or boundary: learn background/interior/boundary from the
+                                         # instance labels (3 classes); inference.py makes instances by watershed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--densenet_config", choices=("56", "67", "103"))
     p.add_argument("--loss", choices=("cross_entropy", "dice", "cross_entropy+dice"))
     p.add_argument("--class_weights", type=float, nargs="+")
+    p.add_argument("--instance_target", choices=instance_targets.TARGETS,
+                   help="instance segmentation with this model: train on background/interior/boundary classes "
+                        "derived from the databases' instance labels (--number_classes 3); inference.py turns "
+                        "the predictions into instances with a seeded watershed")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -51,6 +58,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     config = build_base_config(args, TrainConfig)
     if config.monitor not in MONITORS:
         raise TrainError(f"--monitor {config.monitor!r} must be loss, iou or dice")
+    if config.instance_target and config.number_classes != instance_targets.BOUNDARY_CLASSES:
+        raise TrainError(f"--instance_target {config.instance_target} learns {instance_targets.BOUNDARY_CLASSES} "
+                         f"classes (background, interior, boundary); use --number_classes "
+                         f"{instance_targets.BOUNDARY_CLASSES}, not {config.number_classes}")
     if config.class_weights is not None and len(config.class_weights) != config.number_classes:
         raise TrainError(f"--class_weights has {len(config.class_weights)} values but --number_classes is "
                          f"{config.number_classes}")
@@ -72,6 +83,23 @@ class UNetTrainer(loop.Trainer):
     """Semantic segmentation: per-pixel loss, confusion-matrix metrics at each test interval."""
 
     MONITOR_MODES = MONITORS
+
+    @staticmethod
+    def check_databases(config: TrainConfig):
+        """As every trainer's, and with --instance_target the databases must hold instance labels (their
+        semantic class ids do not matter: the classes are derived)."""
+        train, test = check_databases(config, check_class_ids=not config.instance_target)
+        if config.instance_target:
+            for meta, path in ((train, config.train_database), (test, config.test_database)):
+                if not meta.has_instances:
+                    raise TrainError(f"{path} has no instance labels, which --instance_target "
+                                     f"{config.instance_target} learns from; rebuild it with --instance_folder "
+                                     "(or --coco_json)")
+        return train, test
+
+    @property
+    def reader_options(self) -> dict:
+        return {"instance_target": self.config.instance_target} if self.config.instance_target else {}
 
     def create_model(self):
         from enki_seg.training import losses
