@@ -35,6 +35,20 @@ def nist_hes() -> Path:
     return SHARED_DATA
 
 
+DSB_DATA = ROOT.parent / "shared" / "data" / "dsb2018-fluo"
+
+
+@pytest.fixture(scope="session")
+def dsb2018() -> Path:
+    """../shared/data/dsb2018-fluo (real fluorescence nuclei, instance labels); skipped when absent,
+    unless ENKI_REQUIRE_SHARED=1 (CI) makes it fatal."""
+    if not (DSB_DATA / "images").is_dir():
+        if os.environ.get("ENKI_REQUIRE_SHARED") == "1":
+            pytest.fail(f"ENKI_REQUIRE_SHARED=1 but {DSB_DATA} is missing")
+        pytest.skip(f"real data not found at {DSB_DATA} (a user's clone without ../shared)")
+    return DSB_DATA
+
+
 def write_pairs(folder: Path, count: int = 4, size: int = 64, channels: int = 1, dtype=np.uint16,
                 classes: int = 3, seed: int = 0, mask_ext: str = ".png", image_ext: str = ".tif"):
     """Write `count` random image/mask pairs; returns (image_folder, mask_folder)."""
