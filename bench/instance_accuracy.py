@@ -98,10 +98,12 @@ def main(argv=None) -> int:
         if args.method == "boundary":
             train = [py, "train_unet.py", *data_flags, "--instance_target", "boundary", "--number_classes", "3",
                      "--depth", "4", "--base_filters", "16", "--dropout", "0.0", "--learning_rate", "1e-3",
-                     "--loss", "cross_entropy+dice", "--lr_schedule", "cosine", "--monitor", "loss"]
+                     "--loss", "cross_entropy+dice", "--lr_schedule", "cosine", "--monitor", "loss",
+                     "--warmup_steps", str(min(200, args.max_steps // 10))]
         else:
             train = [py, "train_maskrcnn.py", *data_flags, "--number_classes", "2", "--preset", "small",
-                     "--learning_rate", "1e-3", "--max_num_instances", "400"]
+                     "--learning_rate", "1e-3", "--max_num_instances", "400",
+                     "--warmup_steps", str(min(200, args.max_steps // 10))]
         train_seconds = run(train, work / "train.log")
         summary = json.loads((work / "run" / "summary.json").read_text())
         run([py, "inference.py", "--model", str(work / "run"), "--image_folder", str(work / "validation" / "images"),

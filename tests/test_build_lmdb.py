@@ -486,7 +486,9 @@ def test_sigterm_cleans_up(tmp_path):
     cmd = [sys.executable, str(ROOT / "build_lmdb.py"), "--image_folder", str(images), "--mask_folder",
            str(masks), "--output_folder", str(out), "--workers", "2", "--use_tiling", "1",
            "--tile_size", "64", "--compression", "zstd", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the build pauses (test-only hook) after writing its records: the signal lands mid-build on any machine
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ENKI_TEST_PAUSE_BEFORE_METADATA": "60"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(tmp_path.glob("out/.build-*/train-*/data.mdb")):
         time.sleep(0.005)

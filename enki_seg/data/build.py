@@ -150,6 +150,8 @@ def build(config: BuildConfig) -> dict:
                             SplitAccumulator(name))
         try:
             _write_all(config, options, splits, skipped, warnings, pool)
+            # tests only: hold the build here, records written but not committed, so a signal lands mid-build
+            time.sleep(float(os.environ.get("ENKI_TEST_PAUSE_BEFORE_METADATA", "0")))
             for name, (_, writer, acc) in splits.items():
                 if acc.source_images == 0:
                     raise InputError(f"every {name} image was skipped as bad; nothing to build")
