@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_probabilities", type=int, choices=(0, 1), default=0,
                    help="OUT/probabilities/NAME.tif: float16 softmax, one page per class")
     p.add_argument("--output_format", choices=("tif", "png"), default="tif", help="label mask format (tif)")
+    p.add_argument("--precision", choices=("run", "float32"), default="run",
+                   help="run the model in the precision it was trained in (run, default) or in float32")
     p.add_argument("--verbose", type=int, choices=(0, 1), default=0,
                    help="1 keeps TensorFlow's start-up and INFO lines (default 0: hidden)")
     instances = p.add_argument_group("maskrcnn runs")
@@ -123,9 +125,11 @@ def main(argv=None) -> int:
     try:
         job = prepare(args)
         run = job.run
-        logger.info("%d image(s) from %s; model %s (%s, %d classes, %d channel(s), %s normalization)",
+        if args.precision == "float32":
+            run.precision = "float32"
+        logger.info("%d image(s) from %s; model %s (%s, %d classes, %d channel(s), %s normalization, %s)",
                     len(job.files), args.image_folder, run.model_path, run.model_name, run.num_classes,
-                    run.channels, run.normalization.method)
+                    run.channels, run.normalization.method, run.precision)
         if run.model_name == instance.MODEL_NAME:
             detector = instance.load_detector(run, args)
             logger.info("tiles of %d px, overlap %d px, %d tiles per batch, score threshold %.2f", detector.tile_size,

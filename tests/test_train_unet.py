@@ -264,6 +264,44 @@ def test_other_options_train(blocks_db, tmp_path):
     assert config["train"]["mixed_precision"] is True and config["train"]["loss"] == "cross_entropy+dice"
 
 
+@pytest.mark.slow  # starts a trainer and inference
+def test_bfloat16_run_is_recorded_and_inference_matches_float32(blocks_db, tmp_path):
+    """--precision mixed_bfloat16 trains (no loss scaling), config.json records the policy, inference runs
+    the model in it by default and in float32 on request, with (nearly) the same labels."""
+    import tifffile as tiff
+
+    train, test = blocks_db
+    out = tmp_path / "bf16"
+    r = _run(_cmd(train, test, out, "--max_steps", "30", "--test_every_n_steps", "30", "--precision",
+                  "mixed_bfloat16", "--learning_rate", "3e-3", "--use_augmentation", "0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision mixed_bfloat16 (asked for)" in r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "mixed_bfloat16" and config["train"]["precision"] == "mixed_bfloat16"
+    images = Path(train).parent.parent / "images"
+    labels = {}
+    for precision in ("run", "float32"):
+        pred = tmp_path / f"pred-{precision}"
+        r = _run([sys.executable, str(ROOT / "inference.py"), "--model", str(out), "--image_folder", str(images),
+                  "--output_folder", str(pred), "--precision", precision])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("mixed_bfloat16)" if precision == "run" else "float32)") in r.stderr
+        labels[precision] = np.stack([tiff.imread(p) for p in sorted(pred.glob("*.tif"))])
+    assert (labels["run"] == labels["float32"]).mean() >= 0.99
+    conflict = _run(_cmd(train, test, tmp_path / "conflict", "--mixed_precision", "1", "--precision", "mixed_bfloat16"))
+    assert conflict.returncode == 2 and "--mixed_precision 1 means --precision mixed_float16" in conflict.stderr
+
+
+def test_precision_choice_follows_the_hardware():
+    from enki_seg.training.distribution import native_bfloat16, resolve_precision
+
+    assert resolve_precision("float32") == ("float32", "asked for")
+    assert resolve_precision("mixed_float16")[0] == "mixed_float16"
+    native, why = native_bfloat16()
+    policy, reason = resolve_precision("auto")
+    assert policy == ("mixed_bfloat16" if native else "float32") and why in reason
+
+
 @pytest.mark.slow
 def test_real_nist_data_reaches_pinned_foreground_iou(tmp_path, nist_hes):
     """A few minutes of CPU on the real phase-contrast data must segment the colonies.

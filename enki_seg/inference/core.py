@@ -57,6 +57,9 @@ class RunInfo:
     model_path: Path
     config: RunConfig
     normalization: Normalization
+    #: the Keras dtype policy the model runs in: the run's training precision (config.json), or
+    #: float32 when inference.py is asked for it (``--precision float32``)
+    precision: str = "float32"
 
     @property
     def model_name(self) -> str:
@@ -124,7 +127,8 @@ def load_run_info(path: str | os.PathLike) -> RunInfo:
     except (KeyError, TypeError, ValueError) as exc:
         raise InferenceError(f"{config_path} has no valid normalization section ({type(exc).__name__}: "
                              f"{exc})") from None
-    return RunInfo(folder=folder, model_path=model_path, config=config, normalization=normalization)
+    return RunInfo(folder=folder, model_path=model_path, config=config, normalization=normalization,
+                   precision=str(config.extra.get("precision", "float32")))
 
 
 def load_model(run: RunInfo, check_outputs: bool = True):
@@ -135,6 +139,7 @@ def load_model(run: RunInfo, check_outputs: bool = True):
     import models  # noqa: F401  (registers UNet / FCDenseNet / MaskRCNN for deserialization)
     import keras
 
+    keras.config.set_dtype_policy(run.precision)  # the models build their layers under the global policy
     try:
         model = keras.models.load_model(run.model_path, compile=False)
     except Exception as exc:  # Keras raises many types for corrupt or foreign files

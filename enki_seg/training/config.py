@@ -16,7 +16,7 @@ import augment
 from enki_seg.cli import parse_key_values
 from enki_seg.data import records
 from enki_seg.data.normalization import METHODS as NORMALIZATIONS
-from enki_seg.training.distribution import DISTRIBUTIONS
+from enki_seg.training.distribution import DISTRIBUTIONS, PRECISIONS
 from enki_seg.training.errors import TrainError
 
 
@@ -39,7 +39,8 @@ class BaseTrainConfig:
     augmentation: dict = field(default_factory=dict)  # overrides of AugmentConfig fields
     normalization: str = "zscore"
     seed: int = 0
-    mixed_precision: bool = False
+    mixed_precision: bool = False        # NIST's flag: 1 means precision mixed_float16
+    precision: str = "float32"           # float32 | mixed_float16 | mixed_bfloat16 | auto (see distribution.py)
     max_steps: int | None = None
     optimizer: str = "adam"
     momentum: float = 0.9                # sgd (and rmsprop)
@@ -92,7 +93,11 @@ def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], 
                    help="override one augmentation setting, e.g. --augment rotation=false --augment jitter=0.2")
     p.add_argument("--normalization", choices=NORMALIZATIONS)
     p.add_argument("--seed", type=int)
-    p.add_argument("--mixed_precision", type=int, choices=(0, 1))
+    p.add_argument("--mixed_precision", type=int, choices=(0, 1), help="NIST's flag: 1 = --precision mixed_float16")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="float32 (default), mixed_float16 (loss-scaled; GPUs), mixed_bfloat16 (GPUs of compute "
+                        "capability >= 8.0, CPUs with AMX/AVX512-BF16), or auto: mixed_bfloat16 where the hardware "
+                        "computes it natively, float32 elsewhere (logged)")
     p.add_argument("--max_steps", type=int)
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
     p.add_argument("--momentum", type=float)
@@ -146,6 +151,13 @@ def build_config(args: argparse.Namespace, config_class):
         config.augment_config()
     except (ValueError, OSError) as exc:
         raise TrainError(f"augmentation settings: {exc}") from None
+    if config.mixed_precision:
+        if config.precision not in ("float32", "mixed_float16"):
+            raise TrainError(f"--mixed_precision 1 means --precision mixed_float16, but --precision is "
+                             f"{config.precision}; give one of the two")
+        config.precision = "mixed_float16"
+    if config.precision not in PRECISIONS:
+        raise TrainError(f"--precision {config.precision!r} must be one of {', '.join(PRECISIONS)}")
     if config.distribution not in DISTRIBUTIONS:
         raise TrainError(f"--distribution {config.distribution!r} must be one of {', '.join(DISTRIBUTIONS)}")
     if config.lr_schedule != "constant" and config.max_steps is None and not (

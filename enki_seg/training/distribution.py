@@ -68,12 +68,46 @@ def resolve_cluster(distribution: str, environ=os.environ) -> Cluster | None:
     return Cluster(num_workers=len(workers), worker_index=index)
 
 
+#: --precision choices; the policy names are Keras's
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+
+
+def native_bfloat16() -> tuple[bool, str]:
+    """(True, why) when this machine computes bfloat16 natively: every visible GPU of compute
+    capability >= 8.0 (Ampere, Hopper), or, without GPUs, a CPU with AMX-BF16 or AVX512-BF16 (oneDNN
+    uses them; elsewhere bfloat16 is emulated and slower than float32). Call before the first op."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0)
+                        for g in gpus]
+        ok = all(tuple(c) >= (8, 0) for c in capabilities)
+        return ok, f"GPU compute capability {', '.join('.'.join(map(str, c)) for c in capabilities)}"
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False, "CPU features unknown (no /proc/cpuinfo)"
+    found = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(found), f"CPU {'has ' + ', '.join(found) if found else 'has neither amx_bf16 nor avx512_bf16'}"
+
+
+def resolve_precision(precision: str) -> tuple[str, str]:
+    """--precision -> (Keras policy name, why); "auto" picks mixed_bfloat16 only where it is native."""
+    if precision != "auto":
+        return precision, "asked for"
+    native, why = native_bfloat16()
+    return ("mixed_bfloat16", f"auto: {why}") if native else ("float32", f"auto: {why}, so bfloat16 would be emulated")
+
+
 def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: int = 0,
-                      mixed_precision: bool = False):
+                      precision: str = "float32"):
     """Set up TensorFlow before its first op; returns the tensorflow module.
 
     cpu_replicas > 1 splits the CPU into that many logical devices (real MirroredStrategy without a
-    GPU: tests and laptops). deterministic turns on TF op determinism and seeds Keras.
+    GPU: tests and laptops). deterministic turns on TF op determinism and seeds Keras. precision is a
+    Keras dtype policy name (``resolve_precision``): layers compute in it, variables, batch-norm
+    statistics and the models' logits stay float32.
     """
     import tensorflow as tf
 
@@ -88,13 +122,12 @@ def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: 
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    if mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precision)
     return tf
 
 
 def make_strategy(cluster: Cluster | None = None, cpu_replicas: int = 0, deterministic: bool = False,
-                  seed: int = 0, mixed_precision: bool = False):
+                  seed: int = 0, precision: str = "float32"):
     """Configure TensorFlow and create the strategy, before any other TF op (MultiWorkerMirroredStrategy's
     rule); returns ``(tf, strategy)``.
 
@@ -105,14 +138,14 @@ def make_strategy(cluster: Cluster | None = None, cpu_replicas: int = 0, determi
     if cluster is not None and cluster.multi_worker:
         if cpu_replicas > 1:
             logger.warning("--cpu_replicas is ignored with several workers: each worker uses its GPUs or one CPU")
-        tf = configure_devices(0, deterministic, seed, mixed_precision)
+        tf = configure_devices(0, deterministic, seed, precision)
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         logger.info("worker %d of %d: MultiWorkerMirroredStrategy with %d replica(s) in sync",
                     cluster.worker_index, cluster.num_workers, strategy.num_replicas_in_sync)
         return tf, strategy
-    tf = configure_devices(cpu_replicas, deterministic, seed, mixed_precision)
+    tf = configure_devices(cpu_replicas, deterministic, seed, precision)
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         return tf, tf.distribute.MirroredStrategy([g.name for g in gpus])

@@ -32,7 +32,7 @@ from enki_seg.data.normalization import Normalization
 from enki_seg.files import atomic_write_text
 from enki_seg.run_config import ClassesSection, InputSection, ModelSection, RunConfig
 from enki_seg.training.config import RESUME_IGNORED, BaseTrainConfig, check_databases
-from enki_seg.training.distribution import Cluster, make_strategy, resolve_cluster
+from enki_seg.training.distribution import Cluster, make_strategy, resolve_cluster, resolve_precision
 from enki_seg.training.errors import TrainError
 from enki_seg.training.preemption import PREEMPTION_CHECK_STEPS, PreemptionGuard, ignore_sigusr1_outside_the_loop
 from enki_seg.training.run_folder import (MetricsLog, RunFolder, TrainerState, check_resumed_data, export_model,
@@ -106,14 +106,17 @@ class Trainer:
             replicas=self.replicas,
             workers=self.cluster.num_workers,
             versions=software_versions(),
+            extra={"precision": self.precision},
         )
 
     # -- setup
 
     def setup(self):
         cfg = self.config
+        self.precision, why = resolve_precision(cfg.precision)
         self.tf, self.strategy = make_strategy(self.cluster, cfg.cpu_replicas, cfg.deterministic, cfg.seed,
-                                               cfg.mixed_precision)
+                                               self.precision)
+        logger.info("precision %s (%s)", self.precision, why)
         tf = self.tf
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = cfg.batch_size * self.replicas
@@ -126,7 +129,7 @@ class Trainer:
                 if problem:
                     raise TrainError(f"{problem}; rebuild with --use_tiling 1 and a --tile_size that is a "
                                      f"multiple of {size_multiple}")
-            self.optimizer = make_optimizer(cfg)
+            self.optimizer = make_optimizer(cfg, self.precision)
             self.optimizer.build(self.model.trainable_variables)
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.size_multiple = size_multiple
@@ -221,7 +224,7 @@ class Trainer:
 
     def _build_steps(self):
         tf, strategy, model, cfg = self.tf, self.strategy, self.model, self.config
-        optimizer, mixed = self.optimizer, cfg.mixed_precision
+        optimizer, mixed = self.optimizer, self.precision == "mixed_float16"
 
         def train_step(batch):
             with tf.GradientTape() as tape:

@@ -78,7 +78,7 @@ def learning_rate_at(step: int, base: float, schedule: str, warmup_steps: int, m
     raise TrainError(f"unknown --lr_schedule {schedule!r}")
 
 
-def make_optimizer(config):
+def make_optimizer(config, policy: str = "float32"):
     """The Keras optimizer of a run (``config``: a BaseTrainConfig): adam, sgd or rmsprop, with weight
     decay, wrapped in a LossScaleOptimizer under mixed precision. The loop sets its learning rate each
     step from :func:`learning_rate_at`."""
@@ -93,6 +93,6 @@ def make_optimizer(config):
         optimizer = keras.optimizers.SGD(momentum=config.momentum, **kwargs)
     else:
         optimizer = keras.optimizers.RMSprop(momentum=config.momentum, **kwargs)
-    if config.mixed_precision:
+    if policy == "mixed_float16":  # float16's range needs loss scaling; bfloat16 has float32's range
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
