@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -290,6 +291,23 @@ def test_bfloat16_run_is_recorded_and_inference_matches_float32(blocks_db, tmp_p
     assert (labels["run"] == labels["float32"]).mean() >= 0.99
     conflict = _run(_cmd(train, test, tmp_path / "conflict", "--mixed_precision", "1", "--precision", "mixed_bfloat16"))
     assert conflict.returncode == 2 and "--mixed_precision 1 means --precision mixed_float16" in conflict.stderr
+
+
+@pytest.mark.slow  # starts trainers
+def test_several_steps_per_call_end_with_the_same_weights(blocks_db, tmp_path):
+    """--steps_per_execution 4 (clipped at logs every 5 and intervals every 6 steps) and 1: deterministic
+    runs end with equal weights and equal metrics.csv."""
+    runs = {}
+    for k in (1, 4):
+        out = tmp_path / f"k{k}"
+        r = _run(_cmd(*blocks_db, out, "--max_steps", "12", "--test_every_n_steps", "6", "--deterministic", "1",
+                      "--steps_per_execution", str(k), "--use_augmentation", "1"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert re.findall(r"INFO \S+: step (\d+)  loss", r.stderr) == ["5", "10"]  # logged where K=1 logs
+        runs[k] = (json.loads((out / "summary.json").read_text())["weights_fingerprint"], _history(out))
+    assert runs[1][0] == runs[4][0]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in runs[1][1]] == \
+        [{k: v for k, v in row.items() if k != "seconds"} for row in runs[4][1]]
 
 
 def test_precision_choice_follows_the_hardware():

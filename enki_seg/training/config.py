@@ -41,6 +41,7 @@ class BaseTrainConfig:
     seed: int = 0
     mixed_precision: bool = False        # NIST's flag: 1 means precision mixed_float16
     precision: str = "float32"           # float32 | mixed_float16 | mixed_bfloat16 | auto (see distribution.py)
+    steps_per_execution: int = 1         # training steps per tf.function call (clipped to logs/intervals)
     max_steps: int | None = None
     optimizer: str = "adam"
     momentum: float = 0.9                # sgd (and rmsprop)
@@ -70,7 +71,7 @@ class BaseTrainConfig:
 # Settings that may differ between a run and its continuation without making it "a different run".
 # The database paths may change too (launch/ copies them to node-local scratch, a new path per job):
 # run_folder.check_resumed_data() compares their contents' record counts with the run's instead.
-RESUME_IGNORED = ("max_steps", "log_every", "cpu_replicas", "reader_count", "test_images", "distribution",
+RESUME_IGNORED = ("max_steps", "log_every", "steps_per_execution", "cpu_replicas", "reader_count", "test_images", "distribution",
                   "train_database", "test_database")
 
 
@@ -94,6 +95,9 @@ def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], 
     p.add_argument("--normalization", choices=NORMALIZATIONS)
     p.add_argument("--seed", type=int)
     p.add_argument("--mixed_precision", type=int, choices=(0, 1), help="NIST's flag: 1 = --precision mixed_float16")
+    p.add_argument("--steps_per_execution", type=int,
+                   help="training steps run inside one tf.function call (1); logging, test intervals, "
+                        "checkpoints and stops still happen exactly where they would")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="float32 (default), mixed_float16 (loss-scaled; GPUs), mixed_bfloat16 (GPUs of compute "
                         "capability >= 8.0, CPUs with AMX/AVX512-BF16), or auto: mixed_bfloat16 where the hardware "
@@ -156,6 +160,8 @@ def build_config(args: argparse.Namespace, config_class):
             raise TrainError(f"--mixed_precision 1 means --precision mixed_float16, but --precision is "
                              f"{config.precision}; give one of the two")
         config.precision = "mixed_float16"
+    if config.steps_per_execution < 1:
+        raise TrainError(f"--steps_per_execution must be >= 1, got {config.steps_per_execution}")
     if config.precision not in PRECISIONS:
         raise TrainError(f"--precision {config.precision!r} must be one of {', '.join(PRECISIONS)}")
     if config.distribution not in DISTRIBUTIONS:

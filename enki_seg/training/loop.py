@@ -235,11 +235,23 @@ class Trainer:
             optimizer.apply(gradients, variables)
             return loss, terms
 
-        @tf.function
-        def distributed_train(iterator):
+        def one_step(iterator, learning_rate):
+            optimizer.learning_rate.assign(learning_rate)
             loss, terms = strategy.run(train_step, args=(next(iterator),))
             reduce = lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)  # noqa: E731
             return reduce(loss), {k: reduce(v) for k, v in terms.items()}
+
+        @tf.function(reduce_retracing=True)
+        def distributed_train(iterator, learning_rates):
+            """len(learning_rates) training steps in one call (--steps_per_execution): (per-step losses,
+            the last step's loss terms). The first step is peeled off the loop so the terms' structure is
+            known before it."""
+            loss, terms = one_step(iterator, learning_rates[0])
+            losses = tf.TensorArray(tf.float32, size=tf.shape(learning_rates)[0]).write(0, tf.cast(loss, tf.float32))
+            for i in tf.range(1, tf.shape(learning_rates)[0]):
+                loss, terms = one_step(iterator, learning_rates[i])
+                losses = losses.write(i, tf.cast(loss, tf.float32))
+            return losses.stack(), terms
 
         @tf.function
         def agree(values):
@@ -249,6 +261,20 @@ class Trainer:
 
         self.distributed_train = distributed_train
         self._agree = agree
+
+    def steps_in_next_call(self, step: int) -> int:
+        """--steps_per_execution, clipped so that every call ends exactly where something happens:
+        a log line, a test interval, --max_steps, and (several workers) the stop agreement."""
+        cfg = self.config
+        k = cfg.steps_per_execution
+        periods = [cfg.log_every, cfg.test_every_n_steps]
+        if self.cluster.multi_worker:
+            periods.append(PREEMPTION_CHECK_STEPS)
+        for period in periods:
+            k = min(k, period - step % period)
+        if cfg.max_steps is not None:
+            k = min(k, cfg.max_steps - step)
+        return max(1, k)
 
     def agree_mean(self, *values: float) -> list[float]:
         """The mean of each value over all workers, the same on every worker (identity with one worker)."""
@@ -271,22 +297,23 @@ class Trainer:
                 if cfg.max_steps is not None and state.step >= cfg.max_steps:
                     stop_reason = f"reached --max_steps {cfg.max_steps}"
                     break
-                lr = learning_rate_at(state.step, cfg.learning_rate, cfg.lr_schedule, warmup, cfg.max_steps,
-                                      cfg.lr_decay_steps, decay_levels=cfg.lr_decay_levels)
-                self.optimizer.learning_rate.assign(lr)
-                loss, terms = self.distributed_train(self.train_iterator)
-                loss = float(loss)
-                if state.step + 1 == self._test_nan_step:
-                    loss = float("nan")  # test-only fault injection (whether data overflows depends on the CPU)
-                if not math.isfinite(loss):
-                    logger.error("loss is %s at step %d; stopping. The last good checkpoint is %s (step %d); "
-                                 "lower --learning_rate or check the data", loss, state.step + 1,
-                                 state.checkpoint, state.step if state.checkpoint else 0)
-                    return exit_codes.NAN_LOSS
-                state.step += 1
+                rates = [learning_rate_at(state.step + i, cfg.learning_rate, cfg.lr_schedule, warmup,
+                                          cfg.max_steps, cfg.lr_decay_steps, decay_levels=cfg.lr_decay_levels)
+                         for i in range(self.steps_in_next_call(state.step))]
+                losses, terms = self.distributed_train(self.train_iterator, tf.constant(rates, tf.float32))
+                lr = rates[-1]
+                for loss in losses.numpy().tolist():  # the one read-back of the call
+                    if state.step + 1 == self._test_nan_step:
+                        loss = float("nan")  # test-only fault injection (whether data overflows depends on the CPU)
+                    if not math.isfinite(loss):
+                        logger.error("loss is %s at step %d; stopping. The last good checkpoint is %s (step %d); "
+                                     "lower --learning_rate or check the data", loss, state.step + 1,
+                                     state.checkpoint, state.step if state.checkpoint else 0)
+                        return exit_codes.NAN_LOSS
+                    state.step += 1
+                    interval_losses.append(loss)
+                    window_steps += 1
                 self.step_var.assign(state.step)
-                interval_losses.append(loss)
-                window_steps += 1
                 if state.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     rate = window_steps * self.global_batch / max(now - window_start, 1e-9)
