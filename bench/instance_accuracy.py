@@ -14,8 +14,9 @@ the CLIs, as a new user would run them.
 4. ``inference.py`` on the whole validation images with ``--mask_folder`` (their instance labels).
 
 Last line: one JSON object with the per-image-mean Kaggle accuracy TP/(TP+FP+FN) at IoU 0.5 and 0.75,
-the official DSB score (mean accuracy over IoU 0.5:0.05:0.95), precision/recall/F1 at 0.5, COCO mask AP
-and AP50, training seconds and steps. Each step's command and log go to --work_dir (a temporary folder
+the official DSB score (mean accuracy over IoU 0.5:0.05:0.95), precision/recall/F1 at 0.5, the same
+summed over all validation objects (StarDist's matching_dataset), COCO mask AP and AP50, training
+seconds and steps. Each step's command and log go to --work_dir (a temporary folder
 unless given).
 """
 from __future__ import annotations
@@ -113,16 +114,20 @@ def main(argv=None) -> int:
         metrics = json.loads((work / "predictions" / "metrics.json").read_text())
     matching = metrics["instance_matching"]
     at = {round(t["threshold"], 2): t for t in matching["per_image_mean"]}
+    summed = {round(t["threshold"], 2): t for t in matching["thresholds"]}
     result = {
         "method": args.method,
-        "accuracy_iou50": round(at[0.5]["accuracy"], 4),
+        "accuracy_iou50": round(at[0.5]["accuracy"], 4),  # per image, averaged (Kaggle DSB2018)
         "accuracy_iou75": round(at[0.75]["accuracy"], 4),
         "dsb_mean": round(matching["dsb_score"], 4),
         "precision_iou50": round(at[0.5]["precision"], 4),
         "recall_iou50": round(at[0.5]["recall"], 4),
         "f1_iou50": round(at[0.5]["f1"], 4),
-        "mask_AP": round(metrics["coco"]["mask_AP"], 4) if metrics.get("coco") else None,
-        "mask_AP50": round(metrics["coco"]["mask_AP50"], 4) if metrics.get("coco") else None,
+        "summed_accuracy_iou50": round(summed[0.5]["accuracy"], 4),  # TP/FP/FN over all images (StarDist)
+        "summed_precision_iou50": round(summed[0.5]["precision"], 4),
+        "summed_recall_iou50": round(summed[0.5]["recall"], 4),
+        "mask_AP": round(metrics["mask_AP"], 4),
+        "mask_AP50": round(metrics["mask_AP50"], 4),
         "train_seconds": round(train_seconds, 1),
         "steps": summary["steps"],
         "validation_images": counts["validation"],

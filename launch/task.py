@@ -62,6 +62,10 @@ def main(argv=None) -> int:
         record_exit_code(Path(args.exit_dir), rank, 127)
         return 127
     returncode = child.wait()
+    # the command is done: a late copy of the signal (slurmstepd signals every process of the task, and
+    # the command may exit 75 before the second copy lands) must not kill this process with 128 + N
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
     code = 128 - returncode if returncode < 0 else returncode
     record_exit_code(Path(args.exit_dir), rank, code)
     return code

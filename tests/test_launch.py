@@ -319,6 +319,7 @@ STUB_TRAINER = textwrap.dedent("""
         print(f"stub rank {rank}: finished", flush=True)
     if mode == "usr1_once" and not os.path.exists(marker):
         def preempted(signum, frame):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the trainers: a second copy must not kill us
             open(marker, "w").close()
             print(f"stub rank {rank}: got signal {signum}, checkpoint written", flush=True)
             sys.exit(75)

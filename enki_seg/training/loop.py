@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -481,6 +482,12 @@ def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) ->
         if cluster.is_chief:
             trainer.run_config().save(folder.config)
         code = trainer.run()
+        if code == exit_codes.PREEMPTED:
+            # SLURM may deliver the signal twice (to the task and through launch/task.py); at interpreter
+            # exit Python restores the default action of handled signals, which would turn the 75 into
+            # 128 + N. Ignored signals stay ignored.
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         if handler is not None:
             logging.getLogger().removeHandler(handler)
         return code
