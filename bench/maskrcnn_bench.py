@@ -3,7 +3,7 @@ step time spent waiting for data.
 
     python bench/maskrcnn_bench.py [--steps 20] [--size 256]
 
-Synthetic demo data (demo_data.py: touching cells + debris with instance labels) at --size x --size,
+Synthetic demo data (enki_seg.data.demo: touching cells + debris with instance labels) at --size x --size,
 built into LMDBs; the trainers' own code path (enki_seg.training.maskrcnn.MaskRCNNTrainer: reader with NIST's
 default augmentation and instance outputs, distributed train step, the model's detect function):
   * the small preset (GroupNorm backbone, FPN P2-P4 at 64 channels), batch 4: training images/s,

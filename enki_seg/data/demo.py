@@ -1,6 +1,6 @@
 """Generates a synthetic microscopy-like segmentation dataset, so the pipeline runs without a download.
 
-    python demo_data.py --output_folder /tmp/enki_demo --count 24 --height 512 --width 512 \
+    python -m enki_seg.data.demo --output_folder /tmp/enki_demo --count 24 --height 512 --width 512 \
         --channels 1 --seed 0 --coco 1 --num_workers 2
 
 For each index i (file stem ``demo_{i:03d}``) it writes:
