@@ -499,6 +499,32 @@ def test_sigterm_cleans_up(tmp_path):
     assert not out.exists(), "the output folder this build created should be gone"
 
 
+def test_sigterm_is_not_swallowed_by_library_code(tmp_path, monkeypatch):
+    """The signal can land inside library code that catches Exception (tqdm does while it starts its
+    monitor thread, which once let a terminated build run on); the build must still stop, cleanly."""
+    from enki_seg.data import build as build_module
+
+    real_tqdm = build_module.tqdm
+
+    def tqdm_hit_by_sigterm(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, inside the try
+            time.sleep(1)
+        except Exception:  # what tqdm does with any error while it starts its monitor
+            pass
+        return real_tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "tqdm", tqdm_hit_by_sigterm)
+    images, masks = write_pairs(tmp_path / "src", count=4, size=64)
+    out = tmp_path / "out"
+    config = build_module.BuildConfig(image_folder=str(images), mask_folder=str(masks),
+                                      output_folder=str(out), workers=1, quiet=1)
+    with pytest.raises(build_module.Interrupted):
+        build_module.build(config)
+    assert not out.exists(), "the output folder this build created should be gone"
+    assert signal.getsignal(signal.SIGTERM) is not build_module._raise_interrupted
+
+
 # ---------------------------------------------------------------- real data
 
 

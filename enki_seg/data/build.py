@@ -102,8 +102,12 @@ class BuildConfig:
                 "manifest": out / f"manifest-{name}.csv"}
 
 
-class Interrupted(Exception):
-    """The build received SIGTERM; nothing was written."""
+class Interrupted(BaseException):
+    """The build received SIGTERM; nothing was written.
+
+    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main thread is, and
+    library code that catches ``Exception`` there (tqdm does, while it starts its monitor thread)
+    must not swallow it and let the build run on."""
 
 
 def build(config: BuildConfig) -> dict:
