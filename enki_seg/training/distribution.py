@@ -153,3 +153,30 @@ def make_strategy(cluster: Cluster | None = None, cpu_replicas: int = 0, determi
         cpus = tf.config.list_logical_devices("CPU")[:cpu_replicas]
         return tf, tf.distribute.MirroredStrategy([c.name for c in cpus])
     return tf, tf.distribute.get_strategy()
+
+
+def clip_summed_gradients(gradients: list, clip_norm: float, loss_scale=None) -> list:
+    """Scale this replica's gradients so that their sum over replicas has global norm <= ``clip_norm``.
+
+    Call in replica context, before ``optimizer.apply``: the optimizer sums the replicas' gradients, so
+    every replica multiplies its own by the same factor ``min(1, clip_norm / ||sum||)``, computed from
+    one extra all-reduce. (Keras' ``global_clipnorm`` clips each replica's partial gradient before the
+    sum, so its threshold grew with the number of replicas; on a LossScaleOptimizer it did not clip at
+    all.) ``loss_scale``: the factor the gradients are still multiplied by (mixed_float16), so the
+    threshold applies to the true gradient. Non-finite gradients stay non-finite (the loss-scale
+    optimizer then skips the step).
+    """
+    import tensorflow as tf
+
+    present = [g for g in gradients if g is not None]
+    if not present:
+        return gradients
+    context = tf.distribute.get_replica_context()
+    summed = present
+    if context is not None and context.num_replicas_in_sync > 1:
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+    norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in summed])
+    if loss_scale is not None:
+        norm = norm / tf.cast(loss_scale, tf.float32)
+    factor = tf.where(norm > clip_norm, clip_norm / norm, tf.ones_like(norm))
+    return [None if g is None else g * tf.cast(factor, g.dtype) for g in gradients]

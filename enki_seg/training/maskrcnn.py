@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from enki_seg.cli import parse_key_values
+from enki_seg.data import records
 from enki_seg.evaluation import coco_ap
 from enki_seg.training import loop
 from enki_seg.training.config import BaseTrainConfig, add_common_arguments
@@ -121,8 +122,6 @@ class MaskRCNNTrainer(loop.Trainer):
     def _build_steps(self):
         super()._build_steps()
         tf, model = self.tf, self.model
-        if self.config.gradient_clip_norm > 0:
-            self.optimizer.global_clipnorm = self.config.gradient_clip_norm
 
         # one trace for full and partial test batches alike (a Mask R-CNN graph takes seconds to trace)
         meta, m = self.test_meta, self.config.max_num_instances
@@ -152,32 +151,15 @@ class MaskRCNNTrainer(loop.Trainer):
         self.readers.append(self.test_reader)
 
     def evaluate(self) -> dict:
-        from models.maskrcnn import paste_masks
-
-        tf, cfg = self.tf, self.config
+        cfg = self.config
         names = {int(k): v for k, v in self.train_meta.class_names.items()}
         evaluator = coco_ap.CocoEvaluator(list(range(1, cfg.number_classes)), names or None)
         loss_sum, count, overlays = 0.0, 0, []
-        for batch in self.test_reader:
-            images = tf.constant(batch["image"])
-            loss_sum += float(tf.reduce_sum(self.test_losses(
-                images, tf.constant(batch["boxes"]), tf.constant(batch["box_classes"]),
-                tf.constant(batch["num_instances"]), tf.constant(batch["instance_labels"]))))
-            out = {k: v.numpy() for k, v in self.detect(images).items()}
-            height, width = batch["image"].shape[1:3]
-            for i in range(len(batch["image"])):
-                n = int(out["num_detections"][i])
-                keep = np.flatnonzero(out["scores"][i, :n] >= cfg.eval_score_threshold)
-                boxes = out["boxes"][i, keep]
-                masks = paste_masks(boxes, out["masks"][i, keep], height, width)
-                labels = batch["instance_labels"][i]
-                gt_classes = batch["box_classes"][i, : int(batch["num_instances"][i])]
-                evaluator.add_image(count, height, width, labels, gt_classes, boxes, out["scores"][i, keep],
-                                    out["classes"][i, keep], masks)
-                if len(overlays) < cfg.test_images:
-                    overlays.append(self._overlay(batch["image"][i, ..., 0], masks, out["classes"][i, keep],
-                                                  out["scores"][i, keep], labels, gt_classes))
-                count += 1
+        # AP is scored against the database's objects, all of them: the reader's instance targets keep
+        # only the max_num_instances largest per record (the test loss still uses those targets)
+        with records.Database(cfg.test_database) as truth:
+            for batch in self.test_reader:
+                loss_sum, count = self._evaluate_batch(batch, truth, evaluator, overlays, loss_sum, count)
         if count != self.test_meta.record_count:
             raise TrainError(f"test pass saw {count} examples, the test database has {self.test_meta.record_count}")
         scores = evaluator.evaluate()
@@ -187,6 +169,32 @@ class MaskRCNNTrainer(loop.Trainer):
         monitor = {"loss": loss, "mask_ap": scores["mask_AP"], "box_ap": scores["box_AP"],
                    "mask_ap50": scores["mask_AP50"], "box_ap50": scores["box_AP50"]}
         return {"loss": loss, "monitor": monitor, "row": row, "overlays": overlays}
+
+    def _evaluate_batch(self, batch, truth, evaluator, overlays, loss_sum, count):
+        """One test batch: loss, detections, and COCO matching against the records' full truth."""
+        from models.maskrcnn import paste_masks
+
+        tf, cfg = self.tf, self.config
+        images = tf.constant(batch["image"])
+        loss_sum += float(tf.reduce_sum(self.test_losses(
+            images, tf.constant(batch["boxes"]), tf.constant(batch["box_classes"]),
+            tf.constant(batch["num_instances"]), tf.constant(batch["instance_labels"]))))
+        out = {k: v.numpy() for k, v in self.detect(images).items()}
+        height, width = batch["image"].shape[1:3]
+        for i in range(len(batch["image"])):
+            n = int(out["num_detections"][i])
+            keep = np.flatnonzero(out["scores"][i, :n] >= cfg.eval_score_threshold)
+            boxes = out["boxes"][i, keep]
+            masks = paste_masks(boxes, out["masks"][i, keep], height, width)
+            record = truth.read(int(batch["index"][i]))  # the test reader does not augment: same pixels
+            labels, gt_classes = record.instance_labels, record.instance_classes
+            evaluator.add_image(count, height, width, labels, gt_classes, boxes, out["scores"][i, keep],
+                                out["classes"][i, keep], masks)
+            if len(overlays) < cfg.test_images:
+                overlays.append(self._overlay(batch["image"][i, ..., 0], masks, out["classes"][i, keep],
+                                              out["scores"][i, keep], labels, gt_classes))
+            count += 1
+        return loss_sum, count
 
     def _overlay(self, image, masks, classes, scores, labels, gt_classes):
         """prediction | truth, objects tinted by class (detections above 0.5 score)."""
