@@ -22,6 +22,7 @@ from enki_seg.cli import setup_logging
 from enki_seg.data import records
 from enki_seg.data.build import BuildConfig, Interrupted, build, default_workers, format_summary
 from enki_seg.data.image_io import InputError
+from enki_seg.files import WriteError
 
 logger = logging.getLogger("build_lmdb")
 
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tile size must be a multiple of this (the model's downsampling factor)")
     p.add_argument("--number_classes", type=int, default=BuildConfig.number_classes,
                    help="if given, every mask label must be < this number")
+    p.add_argument("--label_map", default=BuildConfig.label_map,
+                   help="map mask values to class ids before anything else, VALUE=CLASS[,...]; e.g. "
+                   "255=1 for masks exported as 0/255 (values not listed are kept)")
     p.add_argument("--seed", type=int, default=BuildConfig.seed,
                    help="seed of the train/test split (default %(default)s)")
     p.add_argument("--compression", default=BuildConfig.compression, choices=sorted(records.CODECS),
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
     except InputError as exc:
         logger.error("%s", exc)
         return exit_codes.BAD_INPUT
+    except WriteError as exc:  # a full disk: nothing was left behind
+        logger.error("%s", exc)
+        return exit_codes.FAILED
     except (Interrupted, KeyboardInterrupt) as exc:
         logger.error("build interrupted (%s); nothing was written", exc or "Ctrl-C")
         return 130  # 128 + SIGINT, the shell's code for an interrupted command

@@ -326,6 +326,26 @@ class _Producer:
         if self.augment is not None and self.augment.is_identity:
             self.augment = None
         self.normalization = config.normalization
+        self._affines: dict[str, tuple] = {}  # source image -> its (offset, scale) (scope "image")
+
+    def _affine(self, index: int):
+        """Scope "image": the normalization statistics of the source image record ``index`` came from."""
+        if not self.normalization.per_image:
+            return None
+        meta = self.db.metadata
+        source = meta.sources[index].image
+        affine = self._affines.get(source)
+        if affine is None:
+            if source not in meta.source_stats:
+                raise ReaderError(f"{self.config.database}: no per-image statistics for source image {source} "
+                                  "(built before they existed); rebuild it or use normalization scope tile")
+            try:
+                affine = self.normalization.affine_from_source_stats(meta.source_stats[source],
+                                                                     self.config.database)
+            except ValueError as exc:
+                raise ReaderError(str(exc)) from None
+            self._affines[source] = affine
+        return affine
 
     def fill(self, slot: int, seq: int) -> tuple[int, int]:
         """Fill batch ``seq`` into ``slot``; returns (rows filled, corrupt records skipped).
@@ -394,12 +414,12 @@ class _Producer:
             rng = np.random.default_rng(entropy)
             params = augment.sample_params(rng, self.augment, semantic.shape)
             warped = augment.apply_image(example.image, params)
-            self.normalization.apply(warped, out=image_out)
+            self.normalization.apply(warped, out=image_out, affine=self._affine(index))
             semantic = augment.apply_labels(semantic, params)
             if instance is not None and (self.config.max_instances > 0 or self.config.instance_target):
                 instance, instance_classes = augment.apply_instance_labels(instance, instance_classes, params)
         else:
-            self.normalization.apply(example.image, out=image_out)
+            self.normalization.apply(example.image, out=image_out, affine=self._affine(index))
         if self.config.instance_target:
             if instance is None:
                 raise ReaderError(f"{self.config.database}: record {index} has no instance labels, which "
@@ -627,6 +647,9 @@ class ImageReader:
         if config.instance_target and not meta.has_instances:
             raise ReaderError(f"{config.database} has no instance labels, which instance_target="
                               f"{config.instance_target!r} needs; rebuild it with --instance_folder (or --coco_json)")
+        if config.normalization.per_image and not meta.source_stats:
+            raise ReaderError(f"{config.database} has no per-image statistics, which normalization scope "
+                              "'image' needs (built before they existed); rebuild it or use scope 'tile'")
         if config.max_instances > 0 and not meta.has_instances:
             logger.warning("%s has no instance labels; instance outputs will be empty", config.database)
         self.plan = Plan(config, meta)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from enki_seg import cli, exit_codes
 from enki_seg.data import image_io
-from enki_seg.files import remove_leftovers
+from enki_seg.files import WriteError, remove_leftovers
 from enki_seg.inference import core, instance, semantic, watershed
 from enki_seg.inference.core import InferenceError
 
@@ -146,11 +146,15 @@ def main(argv=None) -> int:
     except InferenceError as exc:
         logger.error("%s", exc)
         return exit_codes.BAD_INPUT
-    if run.model_name == instance.MODEL_NAME:
-        return instance.detect_folder(job, detector, args)
-    if run.instance_target:
-        return instance.detect_folder(job, detector, args, categories=[{"id": 1, "name": "object"}])
-    return semantic.segment_folder(job, segmenter, args)
+    try:
+        if run.model_name == instance.MODEL_NAME:
+            return instance.detect_folder(job, detector, args)
+        if run.instance_target:
+            return instance.detect_folder(job, detector, args, categories=[{"id": 1, "name": "object"}])
+        return semantic.segment_folder(job, segmenter, args)
+    except WriteError as exc:  # a full output disk: the half-written file is gone, the finished ones stay
+        logger.error("%s; the outputs finished before it are complete", exc)
+        return exit_codes.FAILED
 
 
 if __name__ == "__main__":

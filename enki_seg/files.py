@@ -7,6 +7,7 @@ process killed with SIGKILL carry the temporary pattern, and :func:`remove_lefto
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -15,6 +16,39 @@ from pathlib import Path
 
 #: ``.NAME.tmp-PID.EXT`` (and ``.NAME.tmp-PID`` for folders): what :func:`temp_path` makes
 TEMP_PATTERN = re.compile(r"^\..+\.tmp-\d+(\.[^.]+)?$")
+
+
+#: errno values by which storage refuses data: the fix is on the disk's side (space, quota, hardware)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS})
+
+
+class WriteError(OSError):
+    """An output could not be written (a full disk, a quota, an I/O error); the message names the
+    file and the fix in one line. Whatever was half-written has been removed. An OSError, so code
+    that handles OSError still does; code that skips a bad input and goes on must not skip this one
+    (the next output would fail alike)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an OSError by which the disk refused data (see STORAGE_ERRNOS)."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+def write_failure(path: str | Path, exc: BaseException, where: str = "output folder") -> str:
+    """The one-line message for ``exc`` raised while writing ``path``: what, how much space is left, the fix."""
+    reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+    free = ""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f", {shutil.disk_usage(folder).free / 1e6:.1f} MB free on its disk"
+    except OSError:
+        pass
+    return f"cannot write {path}: {reason}{free}; free space there or choose another {where}"
 
 
 def temp_path(path: str | Path) -> Path:
@@ -26,13 +60,16 @@ def temp_path(path: str | Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path):
     """``with atomic_path(out) as tmp:`` write ``tmp`` (a file or a folder); it replaces ``out`` when the
-    block succeeds and is removed when it raises. ``os.replace`` is atomic within one file system."""
+    block succeeds and is removed when it raises. ``os.replace`` is atomic within one file system.
+    A disk that refuses the data (:func:`is_storage_error`) raises :class:`WriteError` naming ``out``."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if is_storage_error(exc):
+            raise WriteError(write_failure(path, exc)) from None
         raise
     if tmp.is_dir() and not tmp.is_symlink():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -42,6 +79,22 @@ def atomic_path(path: str | Path):
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+def reserve(path: str | Path) -> None:
+    """Allocate the disk blocks of the file at ``path`` up to its size, so that a full disk is an
+    ENOSPC now rather than a SIGBUS later, when a memory map of the (sparse) file writes a page.
+    No-op where ``os.posix_fallocate`` does not exist (macOS) or the file system does not support it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -3,6 +3,12 @@
 # stage LMDBs on node-local scratch, record what ran, run a trainer under srun and requeue it when it
 # exits 75 (checkpoint written after SIGUSR1/SIGTERM).
 #
+# Signals: SIGUSR1 (`#SBATCH --signal=B:USR1@...`) and SIGTERM to the batch shell are passed on to the
+# trainers as SIGUSR1 (srun forwards SIGUSR1 to its tasks but turns a SIGTERM into SIGKILL of them); the
+# shell then waits for them to checkpoint and requeues the job. SLURM's preemption (PreemptMode=REQUEUE
+# with a GraceTime) and `scancel --signal=TERM JOB` signal the tasks directly, which works the same.
+# `scancel --signal=TERM --full` also signals srun itself, which then kills its tasks at once: avoid it.
+#
 # Environment read here (all optional):
 #   ENKI_HOME              the repository; the sbatch scripts default it to where they were submitted from
 #   ENKI_VENV              virtual environment to activate (default $ENKI_HOME/.venv when it exists)
@@ -36,16 +42,19 @@ enki_init() {
     fi
     export PYTHONUNBUFFERED=1  # log lines reach the job's output file as they are written
     # With `#SBATCH --signal=B:USR1@...` SLURM signals this shell only; pass the signal on to srun,
-    # which forwards it to every task. SIGTERM (scancel, preemption) reaches all processes directly.
+    # which forwards it to every task. A SIGTERM to this shell (`scancel --batch --signal=TERM`, a
+    # preemption that signals the batch step) would otherwise end it at once, leaving no one to requeue.
     trap 'enki_forward_signal USR1' USR1
+    trap 'enki_forward_signal TERM' TERM
     trap 'enki_cleanup' EXIT
 }
 
 enki_forward_signal() {
     local sig="$1"
     if [ -n "$enki_trainer_pid" ] && kill -0 "$enki_trainer_pid" 2>/dev/null; then
-        enki_log "received SIG$sig: forwarding it to the trainer (it checkpoints and exits $ENKI_PREEMPTED_EXIT_CODE)"
-        kill -"$sig" "$enki_trainer_pid" 2>/dev/null || true
+        # always as SIGUSR1: srun answers SIGTERM by SIGKILLing its tasks (the trainers treat both alike)
+        enki_log "received SIG$sig: forwarding SIGUSR1 to the trainer (it checkpoints and exits $ENKI_PREEMPTED_EXIT_CODE)"
+        kill -USR1 "$enki_trainer_pid" 2>/dev/null || true
     else
         enki_log "received SIG$sig before the trainer started: the job will be requeued"
         enki_signal_pending="$sig"
@@ -186,7 +195,9 @@ enki_requeue_and_exit() {
 
 # enki_step_code CODE EXIT_DIR: the exit code of a step from the codes its tasks recorded (launch/task.py):
 # the lowest rank's failure (< 128, not 0 or 75) if any, else 75 if a task checkpointed, else CODE.
-# srun alone reports the highest code, e.g. 143 for a task terminated because another one failed.
+# srun alone reports the highest code, e.g. 143 for a task terminated because another one failed, and
+# 0 when every task checkpointed (launch/task.py reports 75 to srun as 0 so that srun's
+# --kill-on-bad-exit cannot kill the chief while it still writes its checkpoint).
 enki_step_code() {
     local code="$1" exit_dir="$2" file task_code preempted=""
     if [ -z "$exit_dir" ] || [ ! -d "$exit_dir" ]; then
@@ -201,7 +212,7 @@ enki_step_code() {
         fi
         [ "$task_code" = "$ENKI_PREEMPTED_EXIT_CODE" ] && preempted=1
     done < <(find "$exit_dir" -maxdepth 1 -name 'task-*.code' -printf '%f\n' | sort -t- -k2 -n)
-    if [ "$code" != 0 ] && [ -n "$preempted" ]; then
+    if [ -n "$preempted" ]; then
         echo "$ENKI_PREEMPTED_EXIT_CODE"
     else
         echo "$code"

@@ -4,11 +4,13 @@
         python train_unet.py ...
 
 srun reports only the highest exit code of a step's tasks, and with --kill-on-bad-exit the first task
-to exit non-zero gets the others terminated: when one worker exits 75 (checkpoint written) and another
-dies from that SIGTERM, srun says 143 and the job would not be requeued; when one worker fails with
-code 1 the step also says 143. So each task writes its command's own exit code to
+to exit non-zero gets the others terminated (SIGTERM, then SIGKILL after KillWait): when one worker fails
+with code 1 the step says 143. So each task writes its command's own exit code to
 EXIT_DIR/task-<SLURM_PROCID>.code (no file: the task was killed), and launch/common.sh decides from those.
-Stdlib only; exits with the command's code (128 + N when it was killed by signal N).
+
+Exit 75 (checkpoint written, requeue me) is reported to srun as 0: the workers agree to stop together, but
+the first one to exit must not get the others killed while the chief is still writing its checkpoint.
+Every other code is passed on (128 + N when the command was killed by signal N). Stdlib only.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: enki_seg/exit_codes.py's PREEMPTED, written out: this file is stdlib only (tests/test_launch.py checks it)
+PREEMPTED_EXIT_CODE = 75
 
 
 def record_exit_code(exit_dir: Path, rank: str, code: int) -> None:
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     code = 128 - returncode if returncode < 0 else returncode
     record_exit_code(Path(args.exit_dir), rank, code)
-    return code
+    return 0 if code == PREEMPTED_EXIT_CODE else code
 
 
 if __name__ == "__main__":

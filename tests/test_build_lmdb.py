@@ -579,3 +579,92 @@ def test_jpg_and_png_images(tmp_path):
         assert meta.channels == 3 and examples[0].image.dtype == np.uint8
         if ext == ".png":  # lossless: pixel exact
             np.testing.assert_array_equal(examples[0].image, image_io.read_image(images / meta.sources[0].image))
+
+
+# ---------------------------------------------------------------- worker pool
+
+
+def test_worker_pool_starts_clean_processes_and_matches_one_process(tmp_path, monkeypatch):
+    """Workers are not plain-forked from a parent that may hold threads (the reader's rule), and the CPU
+    count works without os.sched_getaffinity (macOS); a 2-worker build equals a 1-worker build."""
+    from enki_seg.data import build as build_module
+
+    pool = build_module._worker_pool(2, 4)
+    try:
+        assert pool._ctx.get_start_method() in ("forkserver", "spawn")
+    finally:
+        pool.terminate()
+        pool.join()
+    images, masks = write_pairs(tmp_path / "src", count=4, size=64)
+    built = {}
+    for workers in ("1", "2"):
+        argv = ["--image_folder", str(images), "--mask_folder", str(masks), "--output_folder",
+                str(tmp_path / f"out{workers}"), "--quiet", "--workers", workers]
+        assert build_lmdb.main(argv) == 0
+        built[workers] = [read_all(tmp_path / f"out{workers}" / f"{s}-dataset.lmdb") for s in ("train", "test")]
+    for (meta1, ex1), (meta2, ex2) in zip(built["1"], built["2"]):
+        assert meta1.sources == meta2.sources
+        for a, b in zip(ex1, ex2):
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.semantic_mask, b.semantic_mask)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert build_module.default_workers() == min(8, os.cpu_count())
+
+
+# ---------------------------------------------------------------- masks exported as 0/255
+
+
+def _binary_255_pairs(folder):
+    images, masks = write_pairs(folder, count=4, size=64, classes=2)
+    for path in masks.iterdir():
+        path.write_bytes(imagecodecs.png_encode((imagecodecs.imread(path) * 255).astype(np.uint8)))
+    return images, masks
+
+
+def test_masks_exported_as_0_255_are_named_and_mapped_by_label_map(tmp_path, caplog):
+    images, masks = _binary_255_pairs(tmp_path / "src")
+    rc, out = run_build(tmp_path, images, masks, out=tmp_path / "plain")
+    assert rc == 0 and "looks like" not in caplog.text
+    assert "holds only the values 0 and 255" in caplog.text and "--label_map 255=1" in caplog.text
+    rc, out = run_build(tmp_path, images, masks, "--number_classes", "2", out=tmp_path / "checked")
+    _assert_failed_cleanly(rc, out, caplog, "0/255 binary export: pass --label_map 255=1")
+    caplog.clear()
+    rc, out = run_build(tmp_path, images, masks, "--label_map", "255=1", "--number_classes", "2",
+                        out=tmp_path / "mapped")
+    assert rc == 0 and "0 and 255" not in caplog.text
+    meta, examples = read_all(out / "train-ds.lmdb")
+    assert meta.class_ids == [0, 1] and meta.build_args["label_map"] == "255=1"
+    for example, tile in zip(examples, meta.sources):
+        source = imagecodecs.imread(masks / tile.mask)
+        np.testing.assert_array_equal(example.semantic_mask, source // 255)
+
+
+@pytest.mark.parametrize("text,message", [("255", "is not VALUE=CLASS"), ("255=1,255=2", "mapped twice"),
+                                          (",", "maps nothing"), ("3=-1", ">= 0")])
+def test_bad_label_map(tmp_path, pairs, caplog, text, message):
+    images, masks = pairs
+    rc, out = run_build(tmp_path, images, masks, "--label_map", text)
+    _assert_failed_cleanly(rc, out, caplog, message)
+
+
+def test_label_map_keeps_unlisted_values_and_widens_only_when_needed():
+    from enki_seg.data.convert import apply_label_map
+
+    mask = np.array([[0, 255, 7], [255, 0, 7]], np.uint8)
+    np.testing.assert_array_equal(apply_label_map(mask, {255: 1}), [[0, 1, 7], [1, 0, 7]])
+    assert apply_label_map(mask, {255: 1}).dtype == np.uint8
+    assert apply_label_map(mask, {7: 300}).dtype == np.int32
+    np.testing.assert_array_equal(apply_label_map(mask.astype(np.int32), {255: 1, 7: 2}), [[0, 1, 2], [1, 0, 2]])
+
+
+def test_trainer_class_count_error_names_the_label_map_fix(tmp_path):
+    from enki_seg.training.config import BaseTrainConfig, check_databases
+    from enki_seg.training.errors import TrainError
+
+    images, masks = _binary_255_pairs(tmp_path / "src")
+    rc, out = run_build(tmp_path, images, masks)
+    assert rc == 0
+    config = BaseTrainConfig(train_database=str(out / "train-ds.lmdb"), test_database=str(out / "test-ds.lmdb"),
+                             number_classes=2)
+    with pytest.raises(TrainError, match=r"\[0, 255\].*0/255 binary export.*--label_map 255=1"):
+        check_databases(config)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -620,3 +621,41 @@ def test_boundary_targets_follow_the_augmented_instance_labels(tmp_path):
         ImageReader(ReaderConfig(str(plain), instance_target="boundary"))
     with pytest.raises(ValueError, match="instance_target"):
         ReaderConfig(str(plain), instance_target="stars")
+
+
+def test_image_scope_normalization_uses_the_source_images_statistics(tmp_path):
+    """Tiled records normalized with scope "image" equal the whole source image normalized, then cut
+    (the statistics build_lmdb.py stored); per-tile scope differs. Old databases without stored
+    statistics are refused naming the fix."""
+    rng = np.random.default_rng(7)
+    images, masks = {}, {}
+    for i in range(4):
+        ramp = np.linspace(0, 3000 * (i + 1), 64)[None, :]
+        images[f"t{i}"] = (rng.gamma(2.0, 200.0, (64, 64)) + ramp).astype(np.uint16)
+        masks[f"t{i}"] = (images[f"t{i}"] > 1500).astype(np.uint8)
+    train, _ = _build(tmp_path, images, masks, tile=32)
+    meta = records.read_metadata(str(train))
+    norm = Normalization("percentile", scope="image", percentiles=[1, 99.8])
+    config = ReaderConfig(str(train), batch_size=4, num_workers=1, mode="test", normalization=norm)
+    seen = 0
+    with ImageReader(config) as reader:
+        for batch in reader:
+            for row, index in enumerate(batch["index"]):
+                src = meta.sources[int(index)]
+                image = images[Path(src.image).stem][:, :, None]
+                whole = norm.apply(image, affine=norm.affine_from_image(image))
+                expected = whole[src.y: src.y + src.height, src.x: src.x + src.width]
+                np.testing.assert_allclose(batch["image"][row], expected, rtol=1e-5, atol=1e-5)
+                per_tile = Normalization("percentile").apply(image[src.y: src.y + 32, src.x: src.x + 32])
+                assert not np.allclose(per_tile, expected, atol=1e-3)
+                seen += 1
+    assert seen == meta.record_count == 8
+
+    # a database built before per-image statistics existed
+    old = tmp_path / "old.lmdb"
+    shutil.copytree(train, old)
+    meta.source_stats = {}
+    with lmdb.open(str(old), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        txn.put(records.METADATA_KEY, meta.to_json())
+    with pytest.raises(ReaderError, match="no per-image statistics.*rebuild"):
+        ImageReader(ReaderConfig(str(old), batch_size=4, num_workers=1, mode="test", normalization=norm))

@@ -216,6 +216,42 @@ def test_margin_is_the_receptive_field_capped_at_a_quarter_tile(runs, segmenters
     assert semantic.Segmenter(core.load_run_info(runs["dataset"]), margin=3).margin == 3
 
 
+class _BoxFilterSegmenter(semantic.Segmenter):
+    """A stand-in model with a known receptive radius (a (2r+1)^2 box sum, then tanh), NumPy only;
+    ``noise`` adds run-to-run jitter of that fraction of the output scale, as non-deterministic GPU
+    kernels do."""
+
+    def __init__(self, radius, size_multiple=4, noise=0.0):
+        self.radius, self.size_multiple, self.channels, self.noise = radius, size_multiple, 1, noise
+        self._rng = np.random.default_rng(1)
+
+    def predict_tiles(self, tiles, kind="logits"):
+        r = self.radius
+        padded = np.pad(tiles[..., 0].astype(np.float64), ((0, 0), (r, r), (r, r)))
+        rows = sum(padded[:, dy : dy + tiles.shape[1], :] for dy in range(2 * r + 1))
+        box = sum(rows[:, :, dx : dx + tiles.shape[2]] for dx in range(2 * r + 1))
+        logits = np.stack([np.tanh(box / 50), -np.tanh(box / 80)], axis=-1)
+        logits += self.noise * self._rng.uniform(-1, 1, logits.shape)
+        return (logits.astype(np.float32),)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-6])
+def test_receptive_probe_ignores_rounding_noise_of_non_deterministic_kernels(noise):
+    """With jitter between calls (as cuDNN/oneDNN kernels give on GPUs), every logit differs in the last
+    bits: an exact comparison would report the cap; the tolerance finds the true radius."""
+    for radius in (0, 5, 9):
+        assert _BoxFilterSegmenter(radius, noise=noise).measure_receptive_radius(limit=16) == radius
+    assert _BoxFilterSegmenter(20, noise=noise).measure_receptive_radius(limit=16) == 17  # beyond: the cap
+
+
+def test_probe_tolerance_is_relative_to_the_output_scale_and_the_measured_noise():
+    reference = np.array([[0.5, -2.0]], np.float32)
+    assert semantic.probe_tolerance(reference, reference) == pytest.approx(2e-5)
+    assert semantic.probe_tolerance(100 * reference, 100 * reference) == pytest.approx(2e-3)
+    assert semantic.probe_tolerance(reference, reference + 1e-4) == pytest.approx(1e-3, rel=1e-3)
+    assert semantic.probe_tolerance(np.zeros((2, 3)), np.zeros((2, 3))) == 0.0
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (50, 60), (13, 7)])
 def test_image_within_one_tile_equals_untiled_prediction(segmenters, shape):
     """One tile (after reflection padding to the size multiple): identical to the model on the whole image."""
@@ -252,6 +288,29 @@ def test_tiled_equals_whole_image_beyond_the_margin(runs):
     no_margin = semantic.Segmenter(info, tile_size=96, batch_size=4, margin=0)
     difference = np.abs(no_margin.logits(image) - whole).max(-1)
     assert difference.max() > 1e-2  # seams without a margin are visible
+
+
+def test_image_scope_normalization_makes_tiles_agree_with_the_whole_image(runs, tmp_path):
+    """--normalization percentile --normalization_scope image: every tile gets the whole image's
+    statistics, so tiled logits equal the model on the whole image normalized as one; per tile, the
+    same percentiles stretch each window differently and seams appear."""
+    image = _image(302, 498, seed=2)
+    height, width = image.shape[:2]
+    logits = {}
+    for scope in ("image", "tile"):
+        folder = write_run(tmp_path / scope, runs["model"], {"method": "percentile", "scope": scope,
+                                                             "percentiles": [1.0, 99.8]})
+        segmenter = semantic.Segmenter(core.load_run_info(folder), tile_size=96, batch_size=4)
+        assert len(segmenter.plan(height, width)) > 20
+        logits[scope] = segmenter.logits(image)
+    normalization = segmenter.normalization
+    padded_h, padded_w = tiling.padded_size(height, width, segmenter.size_multiple)
+    padded = np.pad(image, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="reflect")
+    affine = normalization.affine_from_image(image)  # of the image itself, not of its padding
+    (whole,) = segmenter.predict_tiles(normalization.apply(padded, affine=affine)[None])
+    whole = whole[0, :height, :width]
+    _assert_same_prediction(logits["image"], whole)
+    assert np.abs(logits["tile"] - whole).max() > 1e-3  # per-tile statistics: tiles disagree (10x the tolerance)
 
 
 def test_probabilities_are_softmax_of_stitched_logits(segmenters):

@@ -406,6 +406,30 @@ def test_train_script_without_slurm_scratch_copy_and_preemption(tmp_path, stub_t
         assert "stub_trainer.py" in (record / "command.txt").read_text()
 
 
+def test_train_script_sigterm_to_the_shell_checkpoints(tmp_path, stub_trainer):
+    """SIGTERM to the batch shell (a preemption, `scancel --batch --signal=TERM`) is passed on as SIGUSR1
+    (srun would turn SIGTERM into SIGKILL of its tasks); the shell waits for the checkpoint: exit 75."""
+    config = tmp_path / "run.yaml"
+    config.write_text("number_classes: 2\n")
+    out = tmp_path / "run"
+    env = {**_environ_without_slurm(), "ENKI_SNAPSHOT_GIT": "0", "ENKI_TRAINER": str(stub_trainer),
+           "STUB_MODE": "usr1_once"}
+    env.pop("ENKI_HOME", None)
+    shell = subprocess.Popen(["bash", str(LAUNCH / "train_unet.sbatch"), str(config), str(out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert shell.stdout.readline().strip() == "stub ready rank 0"
+        shell.send_signal(signal.SIGTERM)
+        stdout, stderr = shell.communicate(timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.communicate(timeout=10)
+    assert shell.returncode == 75, stderr
+    assert f"got signal {int(signal.SIGUSR1)}, checkpoint written" in stdout
+    assert "received SIGTERM: forwarding SIGUSR1" in stderr
+
+
 def test_build_lmdb_script_without_slurm_sets_workers(tmp_path):
     result = _run_script("build_lmdb.sbatch", ["--help"], {"SLURM_CPUS_PER_TASK": "3"})
     assert result.returncode == 0, result.stderr
@@ -418,6 +442,7 @@ def test_build_lmdb_script_without_slurm_sets_workers(tmp_path):
     ({0: 3, 1: 75}, 75, 3),       # NaN on one worker beats a checkpoint on another
     ({0: 0, 1: 0}, 0, 0),
     ({0: 75}, 137, 75),           # rank 1 SIGKILLed before it could record anything
+    ({0: 75, 1: 75}, 0, 75),      # launch/task.py reports 75 to srun as 0
     ({}, 137, 137),
 ])
 def test_step_code_from_task_records(tmp_path, codes, srun_code, expected):
@@ -438,6 +463,8 @@ def test_shell_exit_codes_agree_with_enki_seg():
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == str(exit_codes.PREEMPTED), result.stderr
     assert result.returncode == exit_codes.BAD_INPUT and "error: bad input" in result.stderr
+    from launch import task
+    assert task.PREEMPTED_EXIT_CODE == exit_codes.PREEMPTED
 
 def test_task_wrapper_records_code_and_forwards_signals(tmp_path):
     exit_dir = tmp_path / "codes"
@@ -454,7 +481,8 @@ def test_task_wrapper_records_code_and_forwards_signals(tmp_path):
     try:
         assert wrapper.stdout.readline().strip() == "ready"
         wrapper.send_signal(signal.SIGUSR1)
-        assert wrapper.wait(timeout=20) == 75
+        # 75 is reported to srun as 0, so --kill-on-bad-exit does not kill a chief still checkpointing
+        assert wrapper.wait(timeout=20) == 0
     finally:
         if wrapper.poll() is None:
             wrapper.kill()

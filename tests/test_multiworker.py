@@ -1,6 +1,7 @@
 """Multi-worker training (MultiWorkerMirroredStrategy, 2 processes on loopback) through launch/local.py:
 equal weights on every worker, chief-only outputs, USR1 -> checkpoint -> resume (also with a different
-number of workers), and a dead worker failing the whole run fast with nothing left running.
+number of workers), a resume from the middle of a test interval equal to an uninterrupted run, and a dead
+worker failing the whole run fast with nothing left running.
 
 Every run is a subprocess tree bounded by the launcher's --timeout and the test's own timeout.
 """
@@ -133,6 +134,37 @@ def test_usr1_checkpoints_all_workers_and_resume_continues_with_one(blocks_db, t
     assert "resumed from" in r.stderr and "instead of 2 x 1" in r.stderr, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["workers"] == 1
+
+
+def test_two_workers_stopped_mid_interval_resume_exactly(blocks_db, tmp_path):
+    """Stopped at step 10, between the test intervals at 8 and 16, after the best interval (8; the learning
+    rate of 0.05 after warm-up makes the later ones worse): the resumed run writes the same metrics.csv as an
+    uninterrupted one and ends, on both workers, with the same best weights."""
+    def args(out: Path) -> list[str]:
+        return [*trainer_args(blocks_db, out, max_steps=24), "--test_every_n_steps", "8", "--deterministic", "1",
+                "--early_stopping", "0", "--learning_rate", "0.05"]
+
+    runs = {}
+    for name in ("straight", "interrupted"):
+        out = tmp_path / name
+        # both workers send themselves SIGTERM after step 10 (a multiple of PREEMPTION_CHECK_STEPS: acted on there)
+        env = {**ENV, "ENKI_TEST_SIGTERM_AT_STEP": "10"} if name == "interrupted" else ENV
+        r = subprocess.run(launcher(2, args(out)), capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        output = r.stdout + r.stderr
+        if name == "interrupted":
+            assert r.returncode == 75, output[-4000:]
+            state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
+            assert state["step"] == 10 and len(state["interval_losses"]) == 2, state
+            r = subprocess.run(launcher(2, args(out)), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                               env=ENV)
+            output = r.stdout + r.stderr
+            assert "resumed from" in output and "at step 10" in output, output[-4000:]
+        assert r.returncode == 0, output[-4000:]
+        summary = json.loads((out / "summary.json").read_text())
+        runs[name] = (fingerprints(output), (out / "metrics.csv").read_text(), summary["best_step"])
+    assert runs["straight"][2] == 8, "the best interval must come before the stop for this test to mean anything"
+    assert runs["interrupted"][1] == runs["straight"][1], "metrics.csv differs after a mid-interval resume"
+    assert runs["interrupted"][0] == runs["straight"][0] and len(set(runs["straight"][0].values())) == 1, runs
 
 
 def test_a_dead_worker_fails_the_run_fast_and_leaves_nothing_running(blocks_db, tmp_path):

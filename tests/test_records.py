@@ -141,3 +141,66 @@ def test_keys_sort_in_index_order():
     keys = [records.record_key(i) for i in (0, 9, 10, 99999, 1234567)]
     assert keys == sorted(keys)
     assert [records.key_index(k) for k in keys] == [0, 9, 10, 99999, 1234567]
+
+
+# ---------------------------------------------------------------- damaged databases
+
+
+@pytest.fixture
+def built_database(tmp_path):
+    """A small train database built by build_lmdb.py (4 records of 64x64)."""
+    import build_lmdb
+    from conftest import write_pairs
+
+    images, masks = write_pairs(tmp_path / "src", count=6, size=64)
+    out = tmp_path / "out"
+    assert build_lmdb.main(["--image_folder", str(images), "--mask_folder", str(masks), "--output_folder",
+                            str(out), "--quiet", "--workers", "1", "--dataset_name", "d"]) == 0
+    return out / "train-d.lmdb"
+
+
+def test_truncated_data_mdb_is_one_error_not_a_bus_error(built_database):
+    """Reading past the end of a truncated data.mdb through LMDB's memory map kills the process with
+    SIGBUS; the size is checked against LMDB's own index when the database is opened."""
+    data = built_database / "data.mdb"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    for open_it in (lambda: records.read_metadata(str(built_database)),
+                    lambda: records.Database(built_database).read(0)):
+        with pytest.raises(records.RecordError, match="is truncated.*copy it again or rebuild it"):
+            open_it()
+    data.write_bytes(b"")
+    with pytest.raises(records.RecordError, match="cannot be opened.*rebuild it with build_lmdb.py"):
+        records.read_metadata(str(built_database))
+
+
+def test_corrupt_page_names_the_database_and_the_fix(built_database):
+    data = built_database / "data.mdb"
+    with open(data, "r+b") as f:  # overwrite the pages after the two meta pages: the tree's pages
+        f.seek(2 * 4096)
+        f.write(np.random.default_rng(0).integers(0, 256, data.stat().st_size - 2 * 4096, np.uint8).tobytes())
+    with pytest.raises(records.RecordError, match=f"{built_database} is corrupt.*rebuild it"):
+        records.read_metadata(str(built_database))
+
+
+def test_database_without_read_permission_names_the_fix(built_database, monkeypatch):
+    import os
+
+    real_access = os.access
+    # (the tests may run as root, for whom chmod 000 changes nothing: deny the check itself)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(built_database) else real_access(p, mode))
+    with pytest.raises(records.RecordError, match=r"no read permission on .*chmod -R u\+rX"):
+        records.read_metadata(str(built_database))
+
+
+def test_trainer_check_reports_a_damaged_database_in_one_line(built_database):
+    from enki_seg.training.config import BaseTrainConfig, check_databases
+    from enki_seg.training.errors import TrainError
+
+    data = built_database / "data.mdb"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    config = BaseTrainConfig(train_database=str(built_database), test_database=str(built_database.with_name("test-d.lmdb")),
+                             number_classes=3)
+    with pytest.raises(TrainError, match="--train_database: database .* is truncated"):
+        check_databases(config)

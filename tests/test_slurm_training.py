@@ -1,7 +1,8 @@
 """The real trainers submitted with the real launch/ scripts to a private single-node SLURM cluster:
 a one-node job completes and exports; a 2-task multi-worker job completes with equal weights on both
 workers; SIGUSR1 mid-run checkpoints, requeues and finishes with the step count of an uninterrupted
-run; a worker killed mid-run fails the job fast with nothing left running.
+run, also when the chief is slow to write its checkpoint; a SIGTERM to the job does the same; a worker
+killed mid-run fails the job fast with nothing left running.
 
 (The stub-trainer versions of these, and the cluster itself, are tested in test_launch.py.)
 """
@@ -30,11 +31,12 @@ def databases(tmp_path_factory):
     return build_blocks_db(tmp_path_factory.mktemp("slurm-train"), count=16, seed=2)
 
 
-def write_config(path: Path, lmdb: Path, max_steps: int) -> Path:
+def write_config(path: Path, lmdb: Path, max_steps: int, test_every: int = 10) -> Path:
     """Hyperparameters in a config file, as the launch scripts expect."""
     path.write_text(
         f"train_database: {lmdb / 'train-b.lmdb'}\ntest_database: {lmdb / 'test-b.lmdb'}\n"
-        f"number_classes: 2\nbatch_size: 2\ntest_every_n_steps: 10\nmax_steps: {max_steps}\nlog_every: 2\n"
+        f"number_classes: 2\nbatch_size: 2\ntest_every_n_steps: {test_every}\nmax_steps: {max_steps}\n"
+        "log_every: 2\n"
         "depth: 2\nbase_filters: 8\ndropout: 0.0\nseed: 0\n")
     return path
 
@@ -101,6 +103,61 @@ def test_usr1_checkpoints_requeues_and_finishes_the_planned_steps(slurm_cluster,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40  # what an uninterrupted run does
     assert sorted(p.name for p in (out / "launch").iterdir()) == [f"{job}-0", f"{job}-1"]
+
+
+def _assert_resumed_where_it_stopped(info: dict, out: Path, max_steps: int) -> int:
+    """The job checkpointed once, was requeued once, resumed from that very checkpoint and finished."""
+    text = job_output(info)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    stopped = int(re.search(r"checkpoint written at step (\d+)", text).group(1))
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    assert resumed == stopped and 0 < stopped < max_steps, text[-4000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == max_steps  # as an uninterrupted run
+    return stopped
+
+
+def test_slow_chief_checkpoint_survives_the_other_worker_exiting(slurm_cluster, databases, tmp_path):
+    """Both workers agree to stop; worker 1 exits 75 at once while the chief still writes its checkpoint
+    for longer than the cluster's KillWait (5 s): srun must not kill the chief (launch/task.py reports
+    75 as 0), and the job resumes from that checkpoint."""
+    max_steps = 30
+    # test intervals beyond max_steps: the slowed checkpoints are the preemption's and the final one
+    config = write_config(tmp_path / "run.yaml", databases, max_steps=max_steps, test_every=100)
+    out, output = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm_cluster, LAUNCH / "train_unet_multinode.sbatch", [config, out],
+                 sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], output=output,
+                 env={**JOB_ENV, "ENKI_TEST_SLOW_CHECKPOINT_SECONDS": "8"})
+    try:
+        wait_for_text(output, "step 4 ", timeout=240)
+        signal_batch_shell(slurm_cluster, job, "USR1")
+    except SlurmError:
+        slurm_cluster.run("scancel", job, check=False)
+        raise
+    info = _finish(slurm_cluster, job, timeout=300, min_restarts=1)
+    _assert_resumed_where_it_stopped(info, out, max_steps)
+    codes = out / "launch" / f"{job}-0" / "exit_codes"
+    assert sorted(p.name for p in codes.iterdir()) == ["task-0.code", "task-1.code"], job_output(info)[-3000:]
+    assert [(codes / f"task-{rank}.code").read_text().strip() for rank in (0, 1)] == ["75", "75"]
+
+
+def test_sigterm_to_the_job_checkpoints_requeues_and_finishes(slurm_cluster, databases, tmp_path):
+    """SIGTERM to the trainer's step (what a preemption with GraceTime sends) and to the batch shell
+    (`scancel --batch`): the shell survives, the trainer checkpoints, the job requeues and finishes."""
+    max_steps = 30
+    config = write_config(tmp_path / "run.yaml", databases, max_steps=max_steps, test_every=100)
+    out, output = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm_cluster, LAUNCH / "train_unet.sbatch", [config, out], sbatch_args=["--cpus-per-task=2"],
+                 output=output, env=JOB_ENV)
+    try:
+        wait_for_text(output, "step 6 ", timeout=240)
+        signal_batch_shell(slurm_cluster, job, "TERM")
+        slurm_cluster.run("scancel", "--signal=TERM", job)  # every step's tasks, not the batch shell
+    except SlurmError:
+        slurm_cluster.run("scancel", job, check=False)
+        raise
+    info = _finish(slurm_cluster, job, timeout=300, min_restarts=1)
+    _assert_resumed_where_it_stopped(info, out, max_steps)
+    assert "received SIGTERM: forwarding SIGUSR1" in job_output(info)
 
 
 def _trainer_pids(job: str) -> dict[int, int]:

@@ -9,10 +9,8 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imagecodecs
@@ -143,7 +141,9 @@ def _checkpoint_tensors(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp_path):
+def test_sigterm_mid_interval_and_resume_match_an_uninterrupted_run(blocks_db, tmp_path):
+    """Stopped at step 12, between the test intervals at 10 and 15: the interval's training losses so far
+    are checkpointed, so metrics.csv (train_loss included) and the weights equal an uninterrupted run's."""
     train, test = blocks_db
     extra = ["--max_steps", "30", "--test_every_n_steps", "5", "--early_stopping", "0", "--deterministic", "1",
              "--learning_rate", "0.003", "--use_augmentation", "1", "--seed", "3"]
@@ -152,23 +152,19 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp
     assert r.returncode == 0, r.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
+    # the trainer sends itself SIGTERM after step 12: the real signal path, at an exact step
     proc = subprocess.Popen(_cmd(train, test, interrupted, *extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "ENKI_TEST_SIGTERM_AT_STEP": "12"})
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (interrupted / "metrics.csv").exists() and len(_history(interrupted)) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "run finished before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == exit_codes.PREEMPTED, output[-3000:]
-    stopped_at = json.loads((interrupted / "checkpoints" / "trainer_state.json").read_text())["step"]
-    assert 10 <= stopped_at < 30
+    stopped = json.loads((interrupted / "checkpoints" / "trainer_state.json").read_text())
+    stopped_at = stopped["step"]
+    assert stopped_at == 12 and len(stopped["interval_losses"]) == 2 and len(_history(interrupted)) == 2
     assert not (interrupted / "model.keras").exists()
 
     resumed = _run(_cmd(train, test, interrupted, *extra))  # the same command continues the run
@@ -185,6 +181,9 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(blocks_db, tmp
     assert tensors_a.keys() == tensors_b.keys() and len(tensors_a) > 10
     for name in tensors_a:
         np.testing.assert_array_equal(tensors_a[name], tensors_b[name], err_msg=name)
+    # and the exported (best) weights
+    summary_a, summary_b = (json.loads((out / "summary.json").read_text()) for out in (straight, interrupted))
+    assert summary_a["weights_fingerprint"] == summary_b["weights_fingerprint"]
 
 
 def test_early_stopping_rule_and_schedules():

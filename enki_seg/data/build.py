@@ -3,17 +3,25 @@
 ``build(BuildConfig(...))`` checks the settings, pairs images with labels (``sources.py``), splits
 them by source image, converts them in a worker pool (``convert.py``) and writes the databases and
 the manifest (``writer.py``). Everything is written to a hidden ``.build-NAME-PID`` folder inside
-the output folder and renamed into place only when complete: a killed build never leaves a
+the output folder and moved into place only when complete: a killed build never leaves a
 database that looks finished, and the next build removes the leftovers of a dead one.
+
+Every build has an id (``new_build_id``), stored in both databases' metadata and in the manifest;
+the trainers refuse a train/test pair of different builds. The finished set replaces the previous
+one of the same name as a whole (:func:`_replace_set`): a journal ``.replace-NAME.json`` is written
+first, then the old set is moved into ``.old-NAME-PID`` (test database first) and the new set in
+(test database last), so no visible train/test pair ever mixes two builds. A build killed after
+the journal exists is finished by the next build of that name (rolled forward, never discarded).
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,20 +29,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from enki_seg.data import records
-from enki_seg.data.convert import ConvertOptions, convert_task
+from enki_seg.data.convert import ConvertOptions, convert_task, parse_label_map
 from enki_seg.data.image_io import InputError
 from enki_seg.data.sources import Source, discover, split_sources
 from enki_seg.data.writer import MIN_MAP_SIZE, LmdbWriter, SplitAccumulator, write_manifest
+from enki_seg.files import WriteError, atomic_write_text, is_storage_error, write_failure
 
 logger = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".build-"
+_OLD_PREFIX = ".old-"
 _PATH_FIELDS = ("image_folder", "mask_folder", "instance_folder", "coco_json", "output_folder")
 
 
 def default_workers() -> int:
-    """The CPUs this process may use, at most 8."""
-    return min(8, len(os.sched_getaffinity(0)))
+    """The CPUs this process may use, at most 8 (all CPUs where affinity is unknown, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return min(8, len(os.sched_getaffinity(0)))
+    return min(8, os.cpu_count() or 1)
 
 
 @dataclass(kw_only=True)
@@ -54,6 +66,7 @@ class BuildConfig:
     tile_overlap: int = 0
     size_multiple: int = 16
     number_classes: int | None = None
+    label_map: str | None = None  # "255=1": mask value -> class id (convert.parse_label_map)
     seed: int = 0
     compression: str = "none"
     workers: int = field(default_factory=default_workers)
@@ -80,6 +93,10 @@ class BuildConfig:
                 )
             if not 0 <= self.tile_overlap < self.tile_size:
                 raise InputError(f"--tile_overlap {self.tile_overlap} must be in [0, --tile_size)")
+        if self.label_map is not None:
+            if self.coco_json is not None or self.mask_folder is None:
+                raise InputError("--label_map maps the values of --mask_folder masks; give --mask_folder")
+            parse_label_map(self.label_map)
         if self.number_classes is not None and self.number_classes < 1:
             raise InputError(f"--number_classes {self.number_classes} must be >= 1")
         if self.workers < 1:
@@ -113,7 +130,8 @@ class Interrupted(BaseException):
 def build(config: BuildConfig) -> dict:
     """Run the whole build; returns the summary (see :func:`format_summary`).
 
-    Raises InputError on bad input and Interrupted on SIGTERM, leaving nothing behind either way.
+    Raises InputError on bad input, WriteError when the output disk refuses data (full, quota, I/O
+    error) and Interrupted on SIGTERM, leaving nothing behind in each case.
     """
     start = time.perf_counter()
     config.check()
@@ -134,10 +152,12 @@ def build(config: BuildConfig) -> dict:
         )
     out, created = _prepare_output(config)
     tmp = out / f"{_TMP_PREFIX}{config.dataset_name}-{os.getpid()}"
+    build_id = new_build_id()
     final = config.output_paths()
     options = ConvertOptions(bool(config.use_tiling), config.tile_size, config.tile_overlap,
                              config.number_classes, config.compression,
-                             coco_dataset.class_ids if coco_dataset else {})
+                             coco_dataset.class_ids if coco_dataset else {},
+                             parse_label_map(config.label_map) if config.label_map else {})
     class_names = coco_dataset.class_names if coco_dataset else {}
     warnings = list(coco_dataset.warnings) if coco_dataset else []
     summary = {"skipped": skipped}
@@ -145,12 +165,12 @@ def build(config: BuildConfig) -> dict:
     success = False
     pool = None
     try:
-        # workers are forked before any LMDB environment exists in this process
+        # workers are started before any LMDB environment exists in this process
         pool = _worker_pool(config.workers, len(train) + len(test))
         tmp.mkdir()
         splits = {}
         for name, split in (("train", train), ("test", test)):
-            splits[name] = (split, LmdbWriter(tmp / final[name].name, _estimate_map_size(split, config)),
+            splits[name] = (split, LmdbWriter(tmp / final[name].name, _estimate_map_size(split, config), final[name]),
                             SplitAccumulator(name))
         try:
             _write_all(config, options, splits, skipped, warnings, pool)
@@ -162,39 +182,130 @@ def build(config: BuildConfig) -> dict:
                 metadata = acc.metadata(tile_size=config.tile_size if config.use_tiling else None,
                                         compression=config.compression, number_classes=config.number_classes,
                                         split_seed=config.seed, build_args=config.recorded(),
-                                        class_names=class_names)
+                                        class_names=class_names, build_id=build_id)
                 writer.put(records.METADATA_KEY, metadata.to_json())
                 writer.flush()
         finally:
             for _, writer, _ in splits.values():
                 writer.close()
-        write_manifest(tmp / final["manifest"].name, {name: acc for name, (_, _, acc) in splits.items()})
+        write_manifest(tmp / final["manifest"].name, {name: acc for name, (_, _, acc) in splits.items()},
+                       build_id)
         if warnings:
             (tmp / f"warnings-{config.dataset_name}.txt").write_text("\n".join(warnings) + "\n")
-        for item in sorted(tmp.iterdir()):
-            target = out / item.name
-            if target.exists():  # only reachable with --overwrite (checked before the build)
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            item.rename(target)
         if pool is not None:
             pool.close()
             pool.join()
             pool = None
+        _replace_set(out, config.dataset_name, tmp, build_id)
         success = True
         summary.update(_summary(splits, final, time.perf_counter() - start, warnings))
+        summary["build_id"] = build_id
         return summary
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        raise WriteError(write_failure(exc.filename or out, exc, "--output_folder")) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if pool is not None:
             pool.terminate()
             pool.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not success and created:
-            shutil.rmtree(out, ignore_errors=True)
+        if not success and _journal_pid(out, config.dataset_name) == os.getpid():
+            # the set was complete and half moved into place: leave it for the next build to finish
+            logger.error("the replacement of the %s set in %s was interrupted; run build_lmdb.py again with "
+                         "the same --output_folder and --dataset_name to finish it", config.dataset_name, out)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not success and created:
+                shutil.rmtree(out, ignore_errors=True)
 
 
 def _raise_interrupted(signum, frame):
     raise Interrupted(f"received signal {signum}")
+
+
+def new_build_id() -> str:
+    """A new build id: UTC time of the build plus 8 random hex digits (sortable, unique in practice)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+def _set_items(name: str) -> list[str]:
+    """The names of a set's items in the output folder, in the order they are moved aside (test first)."""
+    return [f"test-{name}.lmdb", f"train-{name}.lmdb", f"manifest-{name}.csv", f"warnings-{name}.txt"]
+
+
+def _journal_path(out: Path, name: str) -> Path:
+    return out / f".replace-{name}.json"
+
+
+def _journal_pid(out: Path, name: str) -> int | None:
+    """The pid of the build whose replacement journal of ``name`` is in ``out``, or None."""
+    try:
+        return int(json.loads(_journal_path(out, name).read_text())["pid"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return -1  # unreadable: not this build's
+
+
+def _replace_set(out: Path, name: str, tmp: Path, build_id: str) -> None:
+    """Replace the set ``name`` in ``out`` (whatever of it exists) by the finished set in ``tmp``.
+
+    The journal written first makes the replacement restartable (:func:`_roll_forward`); SIGTERM
+    waits until it is done (milliseconds: renames within one folder)."""
+    if _journal_pid(out, name) is not None:
+        raise InputError(f"another build is replacing the {name} set in {out} right now (see "
+                         f"{_journal_path(out, name)}); build again when it has finished")
+    late = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
+    journal = {"build_id": build_id, "pid": os.getpid(), "new": tmp.name,
+               "old": f"{_OLD_PREFIX}{name}-{os.getpid()}", "items": sorted(p.name for p in tmp.iterdir())}
+    _test_kill_point("before_journal")
+    atomic_write_text(_journal_path(out, name), json.dumps(journal))
+    _fsync_dir(out)
+    _test_kill_point("journal_written")
+    _roll_forward(out, name, journal)
+    if late:
+        logger.info("SIGTERM arrived while the finished set was moved into place; the build is complete")
+
+
+def _roll_forward(out: Path, name: str, journal: dict) -> None:
+    """Finish the replacement the journal describes (again, if a killed build began it); idempotent."""
+    new, old = out / journal["new"], out / journal["old"]
+    if all((new / item).exists() for item in journal["items"]):  # nothing moved in yet
+        old.mkdir(exist_ok=True)
+        for item in _set_items(name):  # test first: from here on no train/test pair is visible
+            if os.path.lexists(out / item):
+                os.replace(out / item, old / item)
+                _test_kill_point(f"aside:{item}")
+    test_last = sorted(journal["items"], key=lambda item: item.startswith("test-"))
+    for item in test_last:
+        if (new / item).exists():
+            os.replace(new / item, out / item)
+            _test_kill_point(f"in:{item}")
+    _fsync_dir(out)
+    _journal_path(out, name).unlink()
+    _test_kill_point("journal_removed")
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
+
+
+def _test_kill_point(point: str) -> None:
+    # tests only: SIGKILL this build at a chosen step of the replacement (ENKI_TEST_KILL_AT=<point>)
+    if os.environ.get("ENKI_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a power cut, not only a killed process)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some network file systems refuse fsync on a folder; the renames still happened
+        pass
 
 
 def _prepare_output(config: BuildConfig) -> tuple[Path, bool]:
@@ -213,17 +324,40 @@ def _prepare_output(config: BuildConfig) -> tuple[Path, bool]:
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"output folder {out} is not writable; choose another --output_folder or fix "
                          "its permissions")
-    for stale in out.glob(f"{_TMP_PREFIX}{config.dataset_name}-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            logger.info("removing %s left by a build that did not finish", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    _finish_interrupted_replacement(out, config.dataset_name)
+    for prefix in (_TMP_PREFIX, _OLD_PREFIX):
+        for stale in out.glob(f"{prefix}{config.dataset_name}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            # exactly this name's (".build-a-1" is not the set "a-b"'s ".build-a-b-1")
+            if stale.name == f"{prefix}{config.dataset_name}-{pid}" and pid.isdigit() and not _pid_alive(int(pid)):
+                logger.info("removing %s left by a build that did not finish", stale)
+                shutil.rmtree(stale, ignore_errors=True)
     if not config.overwrite:
         for path in config.output_paths().values():
             if path.exists():
                 raise InputError(f"{path} already exists; pass --overwrite 1 to replace it or choose "
                                  "another --dataset_name")
     return out, created
+
+
+def _finish_interrupted_replacement(out: Path, name: str) -> None:
+    """Roll forward a replacement of the set ``name`` that a killed build left half done (its new set
+    was complete: nothing is rebuilt or discarded)."""
+    path = _journal_path(out, name)
+    if not path.exists():
+        return
+    try:
+        journal = json.loads(path.read_text())
+        pid, build_id = int(journal["pid"]), journal["build_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a build journal ({exc}); delete it and the .build-{name}-*/.old-{name}-* "
+                         "folders, then build again") from None
+    if pid != os.getpid() and _pid_alive(pid):
+        raise InputError(f"build {build_id} (pid {pid}) is replacing the {name} set in {out} right now; wait "
+                         "for it or choose another --dataset_name")
+    logger.warning("finishing the replacement of the %s set in %s by build %s (pid %d did not finish it)",
+                   name, out, build_id, pid)
+    _roll_forward(out, name, journal)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -251,8 +385,12 @@ def _worker_pool(workers: int, tasks: int):
     """A process pool for reading/encoding, or None when one process is enough."""
     if workers == 1 or tasks < 2:
         return None
-    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    return ctx.Pool(min(workers, tasks), initializer=_worker_init)
+    # Not plain fork: a parent that has already run threads (OpenCV's pools, a caller's TensorFlow)
+    # hands forked children locks whose owners do not exist there, and a worker can deadlock in its
+    # first cv2 call. Workers start from a clean forkserver (spawn where there is none), as the
+    # reader's do (imagereader._default_start_method); they import only enki_seg.data.convert's code.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(min(workers, tasks), initializer=_worker_init)
 
 
 def _worker_init() -> None:
@@ -267,6 +405,7 @@ def _write_all(config, options, splits, skipped, warnings, pool) -> None:
     owners = [name for name in ("train", "test") for _ in splits[name][0]]
     # disable=None: no bar when stderr is not a terminal (batch jobs, CI logs)
     disable = True if config.quiet else None
+    binary_255: list[str] = []  # the first 0/255 mask, said once
     with tqdm(total=len(tasks), unit="image", desc="build_lmdb", disable=disable) as progress:
         results = map(convert_task, tasks) if pool is None else pool.imap(convert_task, tasks, chunksize=1)
         for (status, payload), owner in zip(results, owners):
@@ -278,6 +417,11 @@ def _write_all(config, options, splits, skipped, warnings, pool) -> None:
                 skipped.append(payload)
                 continue
             warnings.extend(payload.warnings)
+            if payload.binary_255_mask and not binary_255:
+                binary_255.append(payload.binary_255_mask)
+                logger.warning("mask %s holds only the values 0 and 255 (a 0/255 binary export), so its "
+                               "foreground is class 255 and training would need 256 classes; rebuild with "
+                               "--label_map 255=1", payload.binary_255_mask)
             _, writer, acc = splits[owner]
             acc.add(payload, writer)
 
@@ -309,6 +453,7 @@ def format_summary(summary: dict) -> str:
                          for c, n in s["class_pixels"].items())
         lines.append(f"      class pixels {hist}")
     lines.append(f"manifest -> {summary['manifest']}")
+    lines.append(f"build id {summary['build_id']}")
     if summary["warnings"]:
         lines.append(f"{summary['warnings']} annotation warnings (see warnings-*.txt)")
     if summary["skipped"]:

@@ -15,6 +15,7 @@ from enki_seg.data import records
 from enki_seg.data import tiling
 from enki_seg.data.image_io import InputError
 from enki_seg.data.labels import majority_classes
+from enki_seg.data.normalization import source_image_stats
 from enki_seg.data.sources import Source
 
 
@@ -28,6 +29,7 @@ class ConvertOptions:
     number_classes: int | None
     compression: str
     class_map: dict[int, int] = field(default_factory=dict)  # COCO category id -> class id
+    label_map: dict[int, int] = field(default_factory=dict)  # --label_map: mask value -> class id
 
 
 @dataclass
@@ -38,11 +40,14 @@ class SourceResult:
     tiles: list[records.RecordSource]
     class_pixels: list[dict[int, int]]
     stats: tuple  # records.ChannelStats.partial of the whole source image
+    source_stats: dict  # normalization.source_image_stats of the whole source image (scope "image")
     has_instances: bool
     image_dtype: str
     channels: int
     mask_dtype: str
     warnings: list[str]
+    #: set when the semantic mask holds only 0 and 255 and no --label_map was given (a binary export)
+    binary_255_mask: str | None = None
 
 
 def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
@@ -58,6 +63,8 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
         if source.mask is not None:
             semantic = image_io.read_labels(source.mask, "mask")
             _check_same_size(image, semantic, source.image, source.mask)
+            if options.label_map:
+                semantic = apply_label_map(semantic, options.label_map)
         if source.instance is not None:
             instance = image_io.read_labels(source.instance, "instance labels")
             _check_same_size(image, instance, source.image, source.instance)
@@ -69,13 +76,15 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
                 semantic = (instance > 0).astype(np.uint8)
     label_path = source.mask or source.instance or source.image
     max_label = int(semantic.max())
+    looks_binary_255 = (source.mask is not None and not options.label_map and max_label == 255
+                        and not np.any((semantic != 0) & (semantic != 255)))
     if options.number_classes is not None and max_label >= options.number_classes:
         found = np.unique(semantic)
         bad = found[found >= options.number_classes]
-        raise InputError(
-            f"mask {label_path} has labels {bad.tolist()} >= --number_classes {options.number_classes}; "
-            "raise --number_classes or fix the mask"
-        )
+        fix = ("it looks like a 0/255 binary export: pass --label_map 255=1" if looks_binary_255
+               else "raise --number_classes, map the values with --label_map, or fix the mask")
+        raise InputError(f"mask {label_path} has labels {bad.tolist()} >= --number_classes "
+                         f"{options.number_classes}; {fix}")
     height, width = image.shape[:2]
     if options.use_tiling:
         if height < options.tile_size or width < options.tile_size:
@@ -90,9 +99,9 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
         positions = [(0, 0)]
         tile_h, tile_w = height, width
     # channel statistics over the source pixels (once per image, not per possibly-overlapping tile)
-    result = SourceResult([], [], [], records.ChannelStats.partial(image),
+    result = SourceResult([], [], [], records.ChannelStats.partial(image), source_image_stats(image),
                           instance is not None, str(image.dtype), image.shape[2], str(semantic.dtype),
-                          warnings)
+                          warnings, str(label_path) if looks_binary_255 else None)
     for y, x in positions:
         window = (slice(y, y + tile_h), slice(x, x + tile_w))
         tile_image = image[window]
@@ -117,6 +126,42 @@ def convert_task(task: tuple[Source, ConvertOptions]) -> tuple[str, SourceResult
         return "ok", convert_source(source, options)
     except InputError as exc:
         return "bad", str(exc)
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """``"255=1"`` or ``"0=0,128=1,255=2"`` -> {value: class id}; raises InputError naming the flag."""
+    mapping = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            value, class_id = (int(v) for v in item.split("="))
+        except ValueError:
+            raise InputError(f"--label_map {text!r}: {item!r} is not VALUE=CLASS; e.g. --label_map 255=1 "
+                             "for masks exported as 0/255") from None
+        if value < 0 or class_id < 0:
+            raise InputError(f"--label_map {text!r}: values and classes must be >= 0")
+        if value in mapping:
+            raise InputError(f"--label_map {text!r}: value {value} is mapped twice")
+        mapping[value] = class_id
+    if not mapping:
+        raise InputError(f"--label_map {text!r} maps nothing; e.g. --label_map 255=1")
+    return mapping
+
+
+def apply_label_map(mask: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """(H, W) mask with each value in ``label_map`` replaced by its class id; other values unchanged.
+    The dtype is kept unless a class id does not fit it (then int32)."""
+    top = max(label_map.values())
+    dtype = mask.dtype if top <= np.iinfo(mask.dtype).max else np.dtype(np.int32)
+    if mask.dtype.itemsize <= 2:  # a lookup table over every possible value
+        table = np.arange(np.iinfo(mask.dtype).max + 1, dtype=np.int64)
+        for value, class_id in label_map.items():
+            if value < table.size:
+                table[value] = class_id
+        return table.astype(dtype)[mask]
+    out = mask.astype(dtype, copy=True)
+    for value, class_id in label_map.items():
+        out[mask == value] = class_id
+    return out
 
 
 def _check_same_size(image, labels, image_path, label_path):

@@ -305,7 +305,9 @@ class DatasetMetadata:
 
     class_records maps a class id (as written in the mask) to the sorted record indices whose
     semantic mask contains it: the index for class-balanced sampling. channel_stats holds, per
-    channel, the mean, std, min and max over every pixel of every record.
+    channel, the mean, std, min and max over every pixel of every record. build_id names the
+    ``build_lmdb.py`` run that wrote the database; its train and test databases and manifest share
+    it (None in databases built before build ids existed: unknown, not an error).
     """
 
     record_count: int
@@ -327,6 +329,10 @@ class DatasetMetadata:
     sources: list[RecordSource]
     number_classes: int | None = None
     class_names: dict[int, str] = field(default_factory=dict)
+    build_id: str | None = None
+    #: per source image name: its statistics for normalization scope "image"
+    #: (``normalization.source_image_stats``); empty in databases built before they existed
+    source_stats: dict[str, dict] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
@@ -360,19 +366,60 @@ def read_metadata(path: str) -> DatasetMetadata:
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"database {path} does not exist (build it with build_lmdb.py)")
-    try:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True)
-    except lmdb.Error as exc:
-        raise RecordError(f"database {path} cannot be opened: {exc}") from None
+    env = open_environment(path)
     try:
         with env.begin() as txn:
             data = txn.get(METADATA_KEY)
+    except lmdb.Error as exc:
+        raise RecordError(_corrupt_message(path, exc)) from None
     finally:
         env.close()
     if data is None:
         raise RecordError(f"database {path} has no metadata entry; it was not built by build_lmdb.py "
                           "or its build did not finish")
     return DatasetMetadata.from_json(data)
+
+
+def open_environment(path: str, **options):
+    """The read-only LMDB environment of the database at ``path``, checked before any page is read.
+
+    Raises RecordError with the fix for a folder or data.mdb this process may not read, a file that
+    is not LMDB, and a data.mdb shorter than its own index says (an interrupted copy or a full disk):
+    reading such a file through LMDB's memory map would kill the process with SIGBUS, no message.
+    """
+    import os
+
+    import lmdb
+
+    data_file = os.path.join(path, "data.mdb")
+    for item in (path, data_file):
+        if os.path.exists(item) and not os.access(item, os.R_OK | (os.X_OK if item == path else 0)):
+            raise RecordError(f"database {path}: no read permission on {item}; fix its permissions "
+                              f"(chmod -R u+rX {path}) or copy it somewhere this user can read")
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, **options)
+    except lmdb.Error as exc:
+        if "Permission denied" in str(exc):
+            raise RecordError(f"database {path}: no read permission ({exc}); fix its permissions "
+                              f"(chmod -R u+rX {path})") from None
+        raise RecordError(f"database {path} cannot be opened ({exc}); it is damaged or not an LMDB "
+                          "database: copy it again or rebuild it with build_lmdb.py") from None
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = os.path.getsize(data_file)
+    except (lmdb.Error, OSError) as exc:
+        env.close()
+        raise RecordError(_corrupt_message(path, exc)) from None
+    if size < needed:
+        env.close()
+        raise RecordError(f"database {path} is truncated: data.mdb is {size} bytes but its index needs "
+                          f"{needed} (an interrupted copy or a full disk); copy it again or rebuild it "
+                          "with build_lmdb.py")
+    return env
+
+
+def _corrupt_message(path: str, exc: Exception) -> str:
+    return (f"database {path} is corrupt ({exc}); copy it again or rebuild it with build_lmdb.py")
 
 
 def check_size_multiple(height: int | None, width: int | None, multiple: int, what: str) -> str | None:
@@ -452,8 +499,7 @@ class Database:
         import lmdb
 
         if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, subdir=True,
-                                  max_readers=2048)
+            self._env = open_environment(self.path, max_readers=2048)
             self._pid = os.getpid()
         return self._env
 
@@ -463,8 +509,13 @@ class Database:
 
     def view(self, txn, index: int) -> Example:
         """Zero-copy decode of record ``index`` within ``txn``."""
+        import lmdb
+
         key = record_key(index)
-        value = txn.get(key)
+        try:
+            value = txn.get(key)
+        except lmdb.Error as exc:  # a damaged page (MDB_CORRUPTED...): this record cannot be found
+            raise RecordError(f"record {key.decode()}: {_corrupt_message(self.path, exc)}") from None
         if value is None:
             raise RecordError(f"record {key.decode()} missing from {self.path}")
         return decode_example(value, key)

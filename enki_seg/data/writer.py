@@ -16,6 +16,7 @@ import numpy as np
 from enki_seg.data import records
 from enki_seg.data.convert import SourceResult
 from enki_seg.data.image_io import InputError
+from enki_seg.files import WriteError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ _COMMIT_BYTES = 256 << 20  # commit a write transaction about every this many by
 class LmdbWriter:
     """Writes records to a new LMDB, growing the map when it is full."""
 
-    def __init__(self, path: Path, initial_map_size: int):
+    def __init__(self, path: Path, initial_map_size: int, shown_as: Path | None = None):
         self.path = path
+        self.shown_as = shown_as or path  # the name in error messages (the final one, not the temporary)
         self.map_size = max(MIN_MAP_SIZE, int(initial_map_size))
         self.env = lmdb.open(str(path), map_size=self.map_size, subdir=True, sync=False,
                              metasync=False, readahead=False, meminit=False, max_dbs=0)
@@ -52,15 +54,21 @@ class LmdbWriter:
                 self.map_size *= 2
                 logger.debug("LMDB map full; growing %s to %d MB", self.path.name, self.map_size >> 20)
                 self.env.set_mapsize(self.map_size)
+            except lmdb.Error as exc:  # mdb_txn_commit: Input/output error, i.e. a full disk, a quota
+                raise WriteError(write_failure(self.shown_as, exc, "--output_folder")) from None
         self.bytes += self._pending_bytes
         self._pending = []
         self._pending_bytes = 0
 
     def close(self) -> None:
         if self.env is not None:
-            self.env.sync(True)
-            self.env.close()
-            self.env = None
+            env, self.env = self.env, None
+            try:
+                env.sync(True)
+            except lmdb.Error as exc:
+                raise WriteError(write_failure(self.shown_as, exc, "--output_folder")) from None
+            finally:
+                env.close()
 
 
 @dataclass
@@ -78,6 +86,7 @@ class SplitAccumulator:
     mask_dtypes: set = field(default_factory=set)
     has_instances: bool | None = None
     source_images: int = 0
+    source_stats: dict[str, dict] = field(default_factory=dict)
 
     def add(self, result: SourceResult, writer: LmdbWriter) -> None:
         """Write the records of one source and count them; raises InputError on mixed pixel types."""
@@ -94,6 +103,8 @@ class SplitAccumulator:
         self.source_images += 1
         self.mask_dtypes.add(result.mask_dtype)
         self.stats.add_partial(*result.stats)
+        if result.tiles:
+            self.source_stats[result.tiles[0].image] = result.source_stats
         for value, tile, pixels in zip(result.values, result.tiles, result.class_pixels):
             index = len(self.sources)
             writer.put(records.record_key(index), value)
@@ -104,7 +115,8 @@ class SplitAccumulator:
                 self.class_pixels[class_id] = self.class_pixels.get(class_id, 0) + count
 
     def metadata(self, *, tile_size: int | None, compression: str, number_classes: int | None,
-                 split_seed: int, build_args: dict, class_names: dict[int, str]) -> records.DatasetMetadata:
+                 split_seed: int, build_args: dict, class_names: dict[int, str],
+                 build_id: str | None = None) -> records.DatasetMetadata:
         (height, width) = next(iter(self.shapes)) if len(self.shapes) == 1 else (None, None)
         widest = max(self.mask_dtypes, key=lambda d: np.dtype(d).itemsize)
         return records.DatasetMetadata(
@@ -115,17 +127,19 @@ class SplitAccumulator:
             class_pixel_counts=self.class_pixels, channel_stats=self.stats.as_dict(),
             split=self.name, split_seed=split_seed, compression=compression,
             build_args=build_args, sources=self.sources,
-            number_classes=number_classes, class_names=class_names,
+            number_classes=number_classes, class_names=class_names, build_id=build_id,
+            source_stats=self.source_stats,
         )
 
 
-def write_manifest(path: Path, accumulators: dict[str, SplitAccumulator]) -> None:
-    """CSV: which source file and window went to which record of which database."""
+def write_manifest(path: Path, accumulators: dict[str, SplitAccumulator], build_id: str = "") -> None:
+    """CSV: which source file and window went to which record of which database, and the build id
+    of the databases (the same in every row)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["split", "record", "source_image", "source_mask", "source_instance", "y", "x",
-                         "height", "width"])
+                         "height", "width", "build_id"])
         for name, acc in accumulators.items():
             for index, src in enumerate(acc.sources):
                 writer.writerow([name, index, src.image, src.mask or "", src.instance or "", src.y, src.x,
-                                 src.height, src.width])
+                                 src.height, src.width, build_id])

@@ -30,7 +30,7 @@ from enki_seg import exit_codes
 from enki_seg.data import image_io, records
 from enki_seg.data.normalization import Normalization
 from enki_seg.data.tiling import Tile, read_window
-from enki_seg.files import atomic_path
+from enki_seg.files import WriteError, atomic_path
 from enki_seg.run_config import RunConfig, RunConfigError
 from enki_seg.visualize import overlay
 
@@ -355,6 +355,8 @@ def process_images(job: Job, handle) -> int:
                                    run.input_dtype, run.normalization.method)
                 handle(path, image)
                 done += 1
+            except WriteError:
+                raise  # a full output disk: every later image would fail alike
             except (image_io.InputError, OSError, MemoryError) as exc:
                 detail = str(exc) or type(exc).__name__
                 if not detail.startswith(str(path)):

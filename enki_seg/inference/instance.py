@@ -169,8 +169,9 @@ class Detector:
             ``num_detections`` (B,) int and ``masks`` (B, D, R, R) float box-relative probabilities.
         paste_fn: ``paste_fn(boxes (n, 4), masks (n, R, R), height, width) -> (n, height, width) bool``
             (``models.maskrcnn.paste_masks``).
-        normalize: ``normalize(raw (h, w, C) tile, out=(h, w, C) float32)`` (``Normalization.apply``),
-            applied to each tile on its own.
+        normalize: the run's ``Normalization`` (scope "image": every tile gets the whole image's
+            statistics), or a function ``normalize(raw (h, w, C) tile, out=(h, w, C) float32)`` applied
+            to each tile on its own.
         tile_size: model input tile (pixels a side), a multiple of ``size_multiple``.
         overlap: pixels shared by neighbouring tiles (default a quarter tile); at least the
             largest object's size.
@@ -206,7 +207,9 @@ class Detector:
         padded = tiling.padded_size(height, width, self.size_multiple)
         parts = []
         index = 0
-        for group, batch in core.normalized_batches(image, tiles, self.normalize, self.batch_size):
+        # a Normalization with scope "image" takes the whole image's statistics for every tile
+        normalize = self.normalize.for_image(image) if hasattr(self.normalize, "for_image") else self.normalize
+        for group, batch in core.normalized_batches(image, tiles, normalize, self.batch_size):
             outputs = self.predict_fn(batch)
             for j, tile in enumerate(group):
                 parts.append(self._tile_candidates(outputs, j, tile, index, (height, width), padded))
@@ -337,7 +340,7 @@ def load_detector(run: core.RunInfo, args: argparse.Namespace) -> Detector:
         raise InferenceError(f"{run.folder / 'config.json'} records no tile size; pass --tile_size")
     predict, paste = model_functions(run)
     try:
-        return Detector(predict, paste, run.normalization.apply, tile, overlap=args.overlap,
+        return Detector(predict, paste, run.normalization, tile, overlap=args.overlap,
                         batch_size=args.batch_size,
                         score_threshold=0.5 if args.score_threshold is None else args.score_threshold,
                         size_multiple=run.size_multiple)

@@ -29,15 +29,15 @@ import numpy as np
 
 from enki_seg import cli, exit_codes
 from enki_seg.data import records
-from enki_seg.data.normalization import Normalization
-from enki_seg.files import atomic_write_text
+from enki_seg.files import WriteError, atomic_write_text
 from enki_seg.run_config import ClassesSection, InputSection, ModelSection, RunConfig
 from enki_seg.training.config import RESUME_IGNORED, BaseTrainConfig, check_databases
-from enki_seg.training.distribution import Cluster, make_strategy, resolve_cluster, resolve_precision
+from enki_seg.training.distribution import (Cluster, clip_summed_gradients, make_strategy, resolve_cluster,
+                                            resolve_precision)
 from enki_seg.training.errors import TrainError
 from enki_seg.training.preemption import PREEMPTION_CHECK_STEPS, PreemptionGuard, ignore_sigusr1_outside_the_loop
 from enki_seg.training.run_folder import (MetricsLog, RunFolder, TrainerState, check_resumed_data, export_model,
-                                          log_to_file, software_versions)
+                                          log_to_file, save_checkpoint, software_versions)
 from enki_seg.training.schedules import EarlyStopping, learning_rate_at, make_optimizer
 from imagereader import ImageReader, ReaderConfig
 
@@ -63,6 +63,9 @@ class Trainer:
         self._saved_step: int | None = None
         #: tests only: the training step whose loss is replaced by NaN, to exercise the NaN stop on any CPU
         self._test_nan_step = int(os.environ.get("ENKI_TEST_NAN_AT_STEP", "0"))
+        #: tests only: the training step after which this process sends itself SIGTERM, to stop a run at an
+        #: exact step (mid-interval) without depending on timing
+        self._test_stop_step = int(os.environ.get("ENKI_TEST_SIGTERM_AT_STEP", "0"))
 
     # -- hooks
 
@@ -103,7 +106,8 @@ class Trainer:
             augmentation=(config.augment_config().to_dict() if config.use_augmentation else None),
             data={"train_database": str(Path(config.train_database).resolve()),
                   "test_database": str(Path(config.test_database).resolve()),
-                  "train_records": meta.record_count, "test_records": self.test_meta.record_count},
+                  "train_records": meta.record_count, "test_records": self.test_meta.record_count,
+                  "train_build_id": meta.build_id, "test_build_id": self.test_meta.build_id},
             replicas=self.replicas,
             workers=self.cluster.num_workers,
             versions=software_versions(),
@@ -121,7 +125,7 @@ class Trainer:
         tf = self.tf
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = cfg.batch_size * self.replicas
-        self.normalization = Normalization.from_metadata(cfg.normalization, self.train_meta)
+        self.normalization = cfg.normalizer(self.train_meta)
         with self.strategy.scope():
             self.model = self.create_model()
             size_multiple = int(getattr(self.model, "size_multiple", 1))
@@ -226,6 +230,7 @@ class Trainer:
     def _build_steps(self):
         tf, strategy, model, cfg = self.tf, self.strategy, self.model, self.config
         optimizer, mixed = self.optimizer, self.precision == "mixed_float16"
+        clip_norm = float(getattr(cfg, "gradient_clip_norm", 0) or 0)
 
         def train_step(batch):
             with tf.GradientTape() as tape:
@@ -233,6 +238,8 @@ class Trainer:
                 scaled = optimizer.scale_loss(loss) if mixed else loss
             variables = model.trainable_variables
             gradients = tape.gradient(scaled, variables)
+            if clip_norm > 0:  # the global norm of the gradient summed over replicas
+                gradients = clip_summed_gradients(gradients, clip_norm, optimizer.dynamic_scale if mixed else None)
             optimizer.apply(gradients, variables)
             return loss, terms
 
@@ -289,7 +296,8 @@ class Trainer:
         cfg, tf = self.config, self.tf
         state = self.state
         started = time.perf_counter() - state.elapsed_seconds
-        interval_losses: list[float] = []
+        # state.interval_losses: this interval's training losses so far, checkpointed with the state so that
+        # a run stopped mid-interval and resumed writes the same train_loss as an uninterrupted one
         window_start, window_steps = time.perf_counter(), 0
         warmup = cfg.resolved_warmup()
         stop_reason = None
@@ -312,8 +320,10 @@ class Trainer:
                                      state.checkpoint, state.step if state.checkpoint else 0)
                         return exit_codes.NAN_LOSS
                     state.step += 1
-                    interval_losses.append(loss)
+                    state.interval_losses.append(loss)
                     window_steps += 1
+                    if state.step == self._test_stop_step:
+                        os.kill(os.getpid(), signal.SIGTERM)  # handled by the guard before the check below
                 self.step_var.assign(state.step)
                 if state.step % cfg.log_every == 0:
                     now = time.perf_counter()
@@ -333,9 +343,8 @@ class Trainer:
                             tf.summary.scalar("reader/wait_seconds", reader["wait_seconds"])
                     window_start, window_steps = now, 0
                 if state.step % cfg.test_every_n_steps == 0:
-                    stop = self._interval(interval_losses, started)
-                    interval_losses = []
-                    if stop:
+                    interval_losses, state.interval_losses = state.interval_losses, []
+                    if self._interval(interval_losses, started):
                         stop_reason = (f"early stopping: no improvement of test {cfg.monitor} for "
                                        f"{cfg.early_stopping} intervals")
                         break
@@ -348,7 +357,8 @@ class Trainer:
                     logger.warning("checkpoint written at step %d; exiting with code %d so the job can be "
                                    "requeued and resumed", state.step, exit_codes.PREEMPTED)
                     return exit_codes.PREEMPTED
-        if interval_losses and not (cfg.max_steps is not None and state.step % cfg.test_every_n_steps == 0):
+        if state.interval_losses and not (cfg.max_steps is not None and state.step % cfg.test_every_n_steps == 0):
+            interval_losses, state.interval_losses = state.interval_losses, []
             self._interval(interval_losses, started)  # a final partial interval is tested too
         self._save_checkpoint(started)
         self._finish(stop_reason, started)
@@ -391,20 +401,27 @@ class Trainer:
         state = self.state
         if self._saved_step == state.step:
             return  # already saved at this step (on every worker alike: saves are collective)
-        path = self.manager.save(checkpoint_number=state.step)
+        path = save_checkpoint(self.manager, state.step, state.checkpoint)  # WriteError on a full disk
         self._saved_step = state.step
         if not self.cluster.is_chief:
             return  # the chief's state.json names the real checkpoint
+        # test-only: a chief slow to finish its checkpoint while the other workers have already exited
+        time.sleep(float(os.environ.get("ENKI_TEST_SLOW_CHECKPOINT_SECONDS", "0")))
         state.checkpoint = path
         state.early_stopping = dataclasses.asdict(self.early)
-        state.reader_position = state.step * self.global_batch
         state.starvation_events = sum(r.stats()["starvation_events"] for r in self.readers)
         state.elapsed_seconds = time.perf_counter() - started
         state.save(self.folder.state)
 
     def _finish(self, stop_reason: str | None, started: float) -> None:
-        if self.best_manager.latest_checkpoint:
-            self.best_checkpoint.restore(self.best_manager.latest_checkpoint).expect_partial()
+        # every worker restores the chief's best checkpoint: the others' private copies are deleted when they
+        # exit, so after a resume they would miss a best saved before it. The all-reduce first makes sure
+        # the chief has finished writing it (the run folder is on a file system all workers see).
+        if self.cluster.multi_worker:
+            self.agree_mean(0.0)
+        best = self.tf.train.latest_checkpoint(str(self.folder.best))
+        if best:
+            self.best_checkpoint.restore(best).expect_partial()
         if self.cluster.is_chief:
             export_model(self.model, self.folder)
         fingerprint = weights_fingerprint(self.model)
@@ -494,6 +511,9 @@ def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) ->
     except TrainError as exc:
         logging.getLogger(name).error("%s", exc)
         return exit_codes.BAD_INPUT
+    except WriteError as exc:  # a full disk under --output_dir: the last good checkpoint is kept
+        logging.getLogger(name).error("%s", exc)
+        return exit_codes.FAILED
     finally:
         if trainer is not None:
             trainer.close()

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from enki_seg import cli
-from enki_seg.files import atomic_path, atomic_write_text, remove_leftovers
+from enki_seg.files import WriteError, atomic_path, atomic_write_text, is_storage_error, remove_leftovers
 from enki_seg.run_config import RunConfigError, load_sections
 from enki_seg.training.errors import TrainError
 
@@ -111,7 +112,9 @@ class TrainerState:
     interval: int = 0
     checkpoint: str | None = None
     early_stopping: dict = field(default_factory=dict)
-    reader_position: int = 0
+    # no reader position: each reader's start is a function of step and topology (Trainer.reader_config),
+    # and the readers' own positions run ahead of the trained steps (tf.data prefetches)
+    interval_losses: list[float] = field(default_factory=list)  # the current test interval's training losses
     history: list[dict] = field(default_factory=list)
     starvation_events: int = 0
     elapsed_seconds: float = 0.0
@@ -122,7 +125,9 @@ class TrainerState:
 
     @classmethod
     def load(cls, path: Path) -> "TrainerState":
-        return cls(**json.loads(path.read_text()))
+        """The saved state; keys this version no longer has (``reader_position``) are dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
 class MetricsLog:
@@ -180,6 +185,46 @@ def export_model(model, folder: RunFolder) -> None:
         model.save(tmp)
     with atomic_path(folder.saved_model) as tmp:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
+
+
+#: What TensorFlow's file errors say when the disk refused the data (they carry no errno)
+_STORAGE_MESSAGES = ("No space left on device", "Disk quota exceeded", "Input/output error", "File too large",
+                     "Read-only file system")
+
+
+def save_checkpoint(manager, number: int, kept: str | None) -> str:
+    """``manager.save(checkpoint_number=number)`` (a ``tf.train.CheckpointManager``); returns its path.
+
+    When the disk refuses the data (full, quota, I/O error) the partial checkpoint (TensorFlow leaves
+    ``ckpt-N_temp/``) is removed and WriteError names the folder, the checkpoint ``kept`` and the fix.
+    The previous checkpoints stay usable: the manager updates its index and deletes old checkpoints
+    only after a complete save.
+    """
+    import tensorflow as tf
+
+    try:
+        return manager.save(checkpoint_number=number)
+    except (tf.errors.OpError, OSError) as exc:
+        reason = getattr(exc, "message", None) or str(exc)
+        if not (is_storage_error(exc) or any(text in reason for text in _STORAGE_MESSAGES)):
+            raise
+        folder = Path(manager.directory)
+        prefix = Path(getattr(manager, "_checkpoint_prefix", "ckpt")).name  # CheckpointManager(checkpoint_name=)
+        index = tf.train.get_checkpoint_state(str(folder))
+        if not (index and Path(index.model_checkpoint_path).name == f"{prefix}-{number}"):  # not indexed: partial
+            for leftover in folder.glob(f"{prefix}-{number}[._]*"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        why = next((text for text in _STORAGE_MESSAGES if text in reason), reason.splitlines()[0][:200])
+        raise WriteError(f"cannot write checkpoint {folder / f'{prefix}-{number}'}: {why}"
+                         f"{_free_space(folder)}; the last good checkpoint {kept or '(none yet)'} is kept: free "
+                         "space (or move --output_dir) and run the same command to resume") from None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f", {shutil.disk_usage(folder).free / 1e6:.1f} MB free on its disk"
+    except OSError:
+        return ""
 
 
 def log_to_file(folder: RunFolder) -> logging.Handler:
