@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--test_every_n_steps", type=int, default=500)
     p.add_argument("--inference_tile_size", type=int, default=512)
     p.add_argument("--work_dir", help="keep the split, databases, run and predictions here")
+    p.add_argument("--normalization", default="zscore", help="the trainers' --normalization (zscore)")
+    p.add_argument("--normalization_scope", default="tile", help="the trainers' --normalization_scope (tile)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
                       str(work / "lmdb" / "test-dsb.lmdb"), "--output_dir", str(work / "run"),
                       "--batch_size", str(args.batch_size), "--max_steps", str(args.max_steps),
                       "--test_every_n_steps", str(args.test_every_n_steps), "--early_stopping", "100",
-                      "--seed", str(args.seed)]
+                      "--seed", str(args.seed), "--normalization", args.normalization,
+                      "--normalization_scope", args.normalization_scope]
         if args.method == "boundary":
             train = [py, "train_unet.py", *data_flags, "--instance_target", "boundary", "--number_classes", "3",
                      "--depth", "4", "--base_filters", "16", "--dropout", "0.0", "--learning_rate", "1e-3",
@@ -134,6 +137,7 @@ def main(argv=None) -> int:
         "train_images": counts["train"],
         "tile_size": args.tile_size,
         "batch_size": args.batch_size,
+        "normalization": f"{args.normalization}/{args.normalization_scope}",
     }
     print(f"{args.method}: accuracy@0.5 {result['accuracy_iou50']:.3f}  @0.75 {result['accuracy_iou75']:.3f}  "
           f"DSB mean {result['dsb_mean']:.3f}  ({result['steps']} steps, {train_seconds / 60:.1f} min training, "

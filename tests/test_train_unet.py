@@ -104,6 +104,9 @@ def test_errors_before_work(blocks_db, tmp_path):
     assert r.returncode == 2 and "class ids [0, 1] but --number_classes is 1" in r.stderr
     r = _run(_cmd(tmp_path / "missing.lmdb", test, out, "--max_steps", "2"))
     assert r.returncode == 2 and "missing.lmdb does not exist" in r.stderr
+    r = _run(_cmd(train, test, out, "--max_steps", "2", "--normalization", "percentile", "--normalization_scope",
+                  "image", "--normalization_percentiles", "1.5,99.8"))
+    assert r.returncode == 2 and "percentile(s) [1.5] were not stored" in r.stderr, r.stderr[-2000:]
     # a 3-channel test database against the 1-channel train database
     src = tmp_path / "rgb"
     (src / "images").mkdir(parents=True)
@@ -113,7 +116,8 @@ def test_errors_before_work(blocks_db, tmp_path):
         imagecodecs.imwrite(str(src / "masks" / f"c{i}.png"), np.zeros((32, 32), np.uint8))
     assert build_lmdb.main(["--image_folder", str(src / "images"), "--mask_folder", str(src / "masks"),
                             "--output_folder", str(src / "lmdb"), "--quiet", "--train_fraction", "0.67"]) == 0
-    r = _run(_cmd(train, src / "lmdb" / "test-dataset.lmdb", out, "--max_steps", "2"))
+    r = _run(_cmd(train, src / "lmdb" / "test-dataset.lmdb", out, "--max_steps", "2",
+                  "--allow_foreign_test_database", "1"))
     assert r.returncode == 2 and "1 channel(s) of uint16" in r.stderr and "3 of uint16" in r.stderr
     assert not (out / "checkpoints").exists()
 
@@ -254,7 +258,8 @@ def test_other_options_train(blocks_db, tmp_path):
     cmd = _cmd(train, test, out, "--max_steps", "4", "--test_every_n_steps", "2", "--early_stopping", "0",
                "--mixed_precision", "1", "--optimizer", "sgd", "--momentum", "0.9", "--lr_schedule", "cosine",
                "--loss", "cross_entropy+dice", "--class_weights", "1", "3", "--balance_classes", "1",
-               "--monitor", "dice", "--weight_decay", "1e-4")
+               "--monitor", "dice", "--weight_decay", "1e-4", "--normalization", "percentile",
+               "--normalization_scope", "image", "--normalization_percentiles", "2,99.5")
     r = _run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     history = _history(out)
@@ -262,6 +267,8 @@ def test_other_options_train(blocks_db, tmp_path):
     assert all(np.isfinite(float(h["test_loss"])) for h in history)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["mixed_precision"] is True and config["train"]["loss"] == "cross_entropy+dice"
+    assert config["normalization"]["method"] == "percentile" and config["normalization"]["scope"] == "image"
+    assert config["normalization"]["percentiles"] == [2.0, 99.5]
 
 
 @pytest.mark.slow  # starts a trainer and inference
