@@ -40,7 +40,6 @@ every worker. Importing this module does not import TensorFlow; ``as_tf_dataset`
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -61,6 +60,7 @@ from multiprocessing import connection
 import numpy as np
 
 import augment
+from enki_seg import processes
 from enki_seg.data import instance_targets, records
 from enki_seg.data.normalization import Normalization
 
@@ -99,6 +99,11 @@ class ReaderConfig:
         per-replica batch breaks synchronized batch norm and collectives).
     slots_per_worker: batch slots each worker owns (queue capacity = num_workers * slots_per_worker).
     size_multiple: records' height and width must be multiples of this (the model's downsampling).
+    crop_shape: (height, width) every example is cut to (``records.crop_shape`` chooses it; trainers'
+        ``--crop_size``), or None to use records whole (they must then share one size). The window is
+        random per example in train mode (seeded like the augmentation, drawn before it) and fixed per
+        record in test mode (every pass scores the same pixels); a record smaller than the crop on a
+        side is zero padded there (image 0, labels background). Boxes and instance labels follow.
     max_instances: > 0 adds instance outputs (labels, boxes, classes) padded to this many objects.
     instance_target: "" (the records' semantic masks) or "boundary": ``semantic_mask`` is derived from
         the (augmented) instance labels as background 0 / interior 1 / boundary 2
@@ -128,12 +133,17 @@ class ReaderConfig:
     size_multiple: int = 1
     max_instances: int = 0
     instance_target: str = ""
+    crop_shape: tuple[int, int] | None = None
     skip_corrupt: bool = False
     copy: bool = False
     start_method: str | None = None
     stall_timeout: float = 600.0
 
     def __post_init__(self):
+        if self.crop_shape is not None:
+            self.crop_shape = (int(self.crop_shape[0]), int(self.crop_shape[1]))
+            if min(self.crop_shape) < 1:
+                raise ValueError(f"crop_shape must be positive, got {self.crop_shape}")
         if self.mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {self.mode!r}")
         if self.batch_size < 1 or self.num_workers < 1 or self.slots_per_worker < 2:
@@ -259,8 +269,12 @@ class SharedSlots:
                 os.close(fd)
         self.path = path
         self.unlinked = False
+        # np.frombuffer keeps the mapping exported while any view of it lives (np.ndarray(buffer=...)
+        # does not): close() then cannot unmap memory a caller still reads (a segfault), it leaves the
+        # unmapping to the last view's release
         self.arrays = {
-            name: np.ndarray((num_slots, *shape), dtype, buffer=self._mmap, offset=offsets[name])
+            name: np.frombuffer(self._mmap, dtype, int(np.prod((num_slots, *shape), dtype=np.int64)),
+                                offsets[name]).reshape((num_slots, *shape))
             for name, (shape, dtype) in layout.items()
         }
 
@@ -289,7 +303,8 @@ class SharedSlots:
 
 def batch_layout(config: ReaderConfig, metadata: records.DatasetMetadata) -> dict:
     """Shapes (without the slot axis) and dtypes of every array of a batch."""
-    b, h, w, c = config.batch_size, metadata.record_height, metadata.record_width, metadata.channels
+    h, w = config.crop_shape or (metadata.record_height, metadata.record_width)
+    b, c = config.batch_size, metadata.channels
     # uint8 labels move a quarter of the bytes of int32; only a dataset with class ids >= 256 needs more
     max_class = max([*metadata.class_ids, (metadata.number_classes or 1) - 1])
     layout = {
@@ -299,6 +314,8 @@ def batch_layout(config: ReaderConfig, metadata: records.DatasetMetadata) -> dic
     }
     if config.batches_per_pass > 0:
         layout["valid"] = ((b,), "uint8")
+    if config.crop_shape is not None:
+        layout["crop_origin"] = ((b, 2), "int32")  # (y, x) of each example's window in its record
     if config.max_instances > 0:
         m = config.max_instances
         layout.update({
@@ -408,6 +425,8 @@ class _Producer:
     def _fill_row(self, slot: int, j: int, index: int, example: records.Example, entropy) -> None:
         arrays = self.arrays
         image_out = arrays["image"][slot, j]
+        if self.config.crop_shape is not None:
+            example, arrays["crop_origin"][slot, j] = self._crop(example, index, entropy)
         semantic = example.semantic_mask
         instance, instance_classes = example.instance_labels, example.instance_classes
         if self.augment is not None:
@@ -430,6 +449,29 @@ class _Producer:
         arrays["index"][slot, j] = index
         if self.config.max_instances > 0:
             self._fill_instances(slot, j, instance, instance_classes, index)
+
+    def _crop(self, example: records.Example, index: int, entropy) -> tuple[records.Example, tuple[int, int]]:
+        """The example cut to ``crop_shape`` (zero padded where the record is smaller), and the window's
+        origin in the record."""
+        height, width = self.config.crop_shape
+        rows, cols = example.semantic_mask.shape
+        # its own stream: the augmentation draws from np.random.default_rng(entropy) unchanged
+        rng = np.random.default_rng([*entropy, 2] if entropy is not None else [self.config.seed, index, 2])
+        y = int(rng.integers(0, rows - height + 1)) if rows > height else 0
+        x = int(rng.integers(0, cols - width + 1)) if cols > width else 0
+
+        def cut(array):
+            if array is None:
+                return None
+            window = array[y: y + height, x: x + width]
+            if window.shape[:2] == (height, width):
+                return window
+            padded = np.zeros((height, width, *array.shape[2:]), array.dtype)
+            padded[: window.shape[0], : window.shape[1]] = window
+            return padded
+
+        return records.Example(cut(example.image), cut(example.semantic_mask), cut(example.instance_labels),
+                               example.instance_classes), (y, x)
 
     def _fill_instances(self, slot, j, instance, classes, index) -> None:
         arrays = self.arrays
@@ -458,37 +500,6 @@ class _Producer:
         arrays["num_instances"][slot, j] = ids.size
 
 
-#: Signals meant for the trainer that often reach its whole process group or process tree (Ctrl-C,
-#: SLURM's SIGUSR1 warning, SIGTERM on preemption or from launch/local.py, which SLURM's linuxproc
-#: tracking sends to every process of a step). Reader processes ignore them: the consumer owns their
-#: lifetime, and one dying of them would fail the trainer before it could write its checkpoint.
-_TRAINER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def _ignore_trainer_signals() -> None:
-    for sig in _TRAINER_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _imported_by_forkserver() -> bool:
-    """True while multiprocessing's forkserver imports this module as its preload."""
-    from multiprocessing import forkserver
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is forkserver.main.__code__:
-            return True
-        frame = frame.f_back
-    return False
-
-
-if _imported_by_forkserver():
-    # The forkserver is the parent of the workers and reports their exit codes; if a signal kills it,
-    # every live worker reads as "exited with code 255". It ends by itself when the consumer's process
-    # goes (its alive pipe closes).
-    _ignore_trainer_signals()
-
-
 def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn, plan: Plan,
                  inherited=()) -> None:
     """Worker process entry point: fill own slots in turn, report each, stop on None or EOF."""
@@ -498,7 +509,7 @@ def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn,
     # from blocking in conn.recv(), which then raises EOFError (a send raises BrokenPipeError). A parent-pid
     # check would not do: under forkserver a worker's parent is the forkserver, not the consumer. (The
     # forkserver itself exits when the consumer's alive pipe to it closes.)
-    _ignore_trainer_signals()  # the consumer owns the workers' lifetime; SIGKILL still works
+    processes.ignore_trainer_signals()  # the consumer owns the workers' lifetime; SIGKILL still works
     for consumer_end in inherited:  # fork only: see ImageReader.start
         consumer_end.close()
     try:
@@ -558,49 +569,6 @@ def _tune_malloc() -> None:
 
 
 
-_preload_requested = False
-
-
-@contextlib.contextmanager
-def _main_module_hidden(method: str):
-    """Keep spawn/forkserver children from re-running the user's main script.
-
-    multiprocessing re-imports ``__main__`` in every spawned child so that targets defined there can
-    be found. Reader workers need nothing from it (their target and arguments live in this module
-    and its imports), and the re-import would run the script's top-level imports (TensorFlow...) in
-    every worker, or fail for scripts without an ``if __name__ == "__main__"`` guard.
-    """
-    main = sys.modules.get("__main__")
-    if method == "fork" or main is None:
-        yield
-        return
-    saved = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
-    spec = getattr(main, "__spec__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.update(saved)
-        main.__spec__ = spec
-
-
-def _default_start_method() -> str:
-    """forkserver where it exists: workers fork from a clean server process.
-
-    Plain fork copies the parent's state, and a parent that has already run OpenCV's or
-    TensorFlow's thread pools hands its children locks whose owner threads do not exist there: a
-    forked worker then deadlocks in its first cv2 call (seen in this project's test suite).
-    """
-    global _preload_requested
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    if not _preload_requested:
-        # the server imports this module (numpy, cv2, lmdb) once; each worker forks from it ready
-        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-        _preload_requested = True
-    return "forkserver"
-
-
 def _shutdown(processes, conns, slots) -> None:
     """Stop workers (polite, then SIGKILL: workers ignore SIGTERM), close pipes, release shared memory."""
     for conn in conns:
@@ -637,13 +605,19 @@ class ImageReader:
         self.config = config
         self.metadata = records.read_metadata(config.database)
         meta = self.metadata
-        if meta.record_height is None:
-            raise ReaderError(f"{config.database}: records differ in size; rebuild it with "
-                              "--use_tiling 1 so every record has one shape")
-        problem = records.check_size_multiple(meta.record_height, meta.record_width, config.size_multiple,
-                                              config.database)
-        if problem:
-            raise ReaderError(f"{problem}; rebuild with a tile size that is")
+        if config.crop_shape is not None:
+            problem = records.check_size_multiple(*config.crop_shape, config.size_multiple,
+                                                  f"{config.database}: crop_shape")
+            if problem:
+                raise ReaderError(problem)
+        else:
+            if meta.record_height is None:
+                raise ReaderError(f"{config.database}: records differ in size; give a crop_shape (the trainers' "
+                                  "--crop_size) or rebuild it with --use_tiling 1 so every record has one shape")
+            problem = records.check_size_multiple(meta.record_height, meta.record_width, config.size_multiple,
+                                                  config.database)
+            if problem:
+                raise ReaderError(f"{problem}; rebuild with a tile size that is")
         if config.instance_target and not meta.has_instances:
             raise ReaderError(f"{config.database} has no instance labels, which instance_target="
                               f"{config.instance_target!r} needs; rebuild it with --instance_folder (or --coco_json)")
@@ -686,7 +660,8 @@ class ImageReader:
         if self._started:
             return self
         cfg = self.config
-        method = cfg.start_method or _default_start_method()
+        # the forkserver imports this module (numpy, cv2, lmdb) once; each worker forks from it ready
+        method = cfg.start_method or processes.default_start_method([__name__])
         ctx = multiprocessing.get_context(method)
         self._slots = SharedSlots(self.layout, self.capacity)
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns, self._slots)
@@ -701,7 +676,7 @@ class ImageReader:
                 inherited = [*self._conns, parent_conn] if method == "fork" else []
                 proc = ctx.Process(target=_worker_main, name=f"imagereader-{worker_id}", daemon=True,
                                    args=(worker_id, cfg, self._slots, child_conn, self.plan, inherited))
-                with _main_module_hidden(method):
+                with processes.main_module_hidden(method):
                     proc.start()
                 child_conn.close()
                 self._processes.append(proc)

@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     instances = p.add_argument_group("maskrcnn runs")
     instances.add_argument("--score_threshold", type=float, help="ignore detections scoring below it (default 0.5)")
     instances.add_argument("--overlap", type=int,
-                           help="pixels shared by neighbouring tiles, at least the largest object (default tile/4)")
+                           help="pixels shared by neighbouring tiles, at least the largest object (default: the run's "
+                                "recorded largest training object, else tile/4)")
     instances.add_argument("--class_folder",
                            help="semantic masks matched by stem giving each --mask_folder instance its class "
                                 "(needed with more than one object class)")

@@ -46,6 +46,8 @@ class InputSection:
     tile_size: int | None = None      # the build's tile size (None: untiled records)
     record_height: int | None = None
     record_width: int | None = None
+    #: default inference tile overlap in pixels (Mask R-CNN: at least the largest training object); None: a quarter tile
+    inference_overlap: int | None = None
 
     def default_tile(self) -> int | None:
         """The inference tile: the training tile, or the smaller side of untiled records."""
@@ -109,7 +111,8 @@ class RunConfig:
                 input=InputSection(channels=int(inputs["channels"]), dtype=inputs.get("dtype"),
                                    tile_size=_optional_int(inputs.get("tile_size")),
                                    record_height=_optional_int(inputs.get("record_height")),
-                                   record_width=_optional_int(inputs.get("record_width"))),
+                                   record_width=_optional_int(inputs.get("record_width")),
+                                   inference_overlap=_optional_int(inputs.get("inference_overlap"))),
                 normalization=dict(data["normalization"]),
                 train=dict(data.get("train") or {}),
                 augmentation=data.get("augmentation"),

@@ -116,7 +116,7 @@ def test_inference_writers_on_a_real_full_disk(small_disk):
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "first.png"]
 
 
-def test_a_full_disk_stops_the_image_loop_instead_of_failing_every_image(tmp_path):
+def test_a_full_disk_stops_the_image_loop_instead_of_failing_every_image(tmp_path, monkeypatch):
     job = core.Job.__new__(core.Job)
     job.files, job.failures = [tmp_path / "a.tif", tmp_path / "b.tif"], []
     job.run = type("Run", (), {"channels": 1, "input_dtype": None})()
@@ -126,13 +126,9 @@ def test_a_full_disk_stops_the_image_loop_instead_of_failing_every_image(tmp_pat
         seen.append(path.name)
         raise files.WriteError(f"cannot write {path}: No space left on device")
 
-    original = core.read_ahead
-    core.read_ahead = lambda paths: ((p, np.zeros((4, 4, 1), np.uint8)) for p in paths)
-    try:
-        with pytest.raises(files.WriteError):
-            core.process_images(job, handle)
-    finally:
-        core.read_ahead = original
+    monkeypatch.setattr(core, "read_ahead", lambda paths: ((p, np.zeros((4, 4, 1), np.uint8)) for p in paths))
+    with pytest.raises(files.WriteError):
+        core.process_images(job, handle)
     assert seen == ["a.tif"] and job.failures == []
 
 

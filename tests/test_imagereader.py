@@ -1,6 +1,7 @@
 """The reader engine: exact passes and epochs, determinism, sampling, alignment, failures, cleanup."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -659,3 +660,105 @@ def test_image_scope_normalization_uses_the_source_images_statistics(tmp_path):
         txn.put(records.METADATA_KEY, meta.to_json())
     with pytest.raises(ReaderError, match="no per-image statistics.*rebuild"):
         ImageReader(ReaderConfig(str(old), batch_size=4, num_workers=1, mode="test", normalization=norm))
+
+
+def _find_window(source: np.ndarray, window: np.ndarray):
+    """(y, x) where ``window`` lies in ``source``, or None."""
+    h, w = window.shape[:2]
+    for y in range(source.shape[0] - h + 1):
+        for x in range(source.shape[1] - w + 1):
+            if np.array_equal(source[y: y + h, x: x + w], window):
+                return y, x
+    return None
+
+
+def test_untiled_records_of_several_sizes_are_cropped_to_one_shape(tmp_path):
+    """An untiled database of images of several sizes trains: every example is a seeded window of its
+    record (random in train mode, the same in every test pass), labels and boxes follow the window, and
+    a record smaller than the crop is zero padded."""
+    rng = np.random.default_rng(11)
+    images, masks, instances = {}, {}, {}
+    for i, (h, w) in enumerate([(40, 56), (64, 64), (48, 80), (72, 44)]):
+        labels = np.zeros((h, w), np.uint16)
+        for k in range(1, 5):
+            y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+            labels[y: y + 8, x: x + 9] = k
+        instances[f"v{i}"] = labels
+        masks[f"v{i}"] = (labels > 0).astype(np.uint8)
+        images[f"v{i}"] = rng.integers(0, 60000, (h, w)).astype(np.uint16)  # unique windows
+    train, _ = _build(tmp_path, images, masks, instances, train_fraction="0.75")
+    meta = records.read_metadata(str(train))
+    assert meta.record_height is None
+    with pytest.raises(ReaderError, match="records differ in size; give a crop_shape"):
+        ImageReader(ReaderConfig(str(train), batch_size=2, mode="test"))
+    shape = records.crop_shape(meta, 0, 8)
+    smallest = (min(s.height for s in meta.sources), min(s.width for s in meta.sources))
+    assert shape == (smallest[0] - smallest[0] % 8, smallest[1] - smallest[1] % 8)
+
+    def check(batch):
+        for row, index in enumerate(batch["index"]):
+            stem = Path(meta.sources[int(index)].image).stem
+            image = batch["image"][row, ..., 0]
+            assert image.shape == shape
+            where = _find_window(images[stem].astype(np.float32), image)
+            assert where is not None
+            y, x = where
+            assert tuple(batch["crop_origin"][row]) == (y, x)
+            window = (slice(y, y + shape[0]), slice(x, x + shape[1]))
+            np.testing.assert_array_equal(batch["semantic_mask"][row], masks[stem][window])
+            labels = batch["instance_labels"][row]
+            np.testing.assert_array_equal(labels > 0, instances[stem][window] > 0)
+            for k in range(1, int(batch["num_instances"][row]) + 1):  # each box is its object's extent
+                ys, xs = np.nonzero(labels == k)
+                np.testing.assert_array_equal(batch["boxes"][row, k - 1], [ys.min(), xs.min(), ys.max() + 1,
+                                                                           xs.max() + 1])
+
+    none = Normalization("none")
+    train_config = ReaderConfig(str(train), batch_size=3, num_workers=2, crop_shape=shape, normalization=none,
+                                max_instances=8, seed=3)
+    with ImageReader(train_config) as reader:
+        windows = []
+        for _ in range(6):
+            batch = reader.next_batch()
+            check(batch)
+            windows += [batch["image"][r].tobytes() for r in range(3)]
+    assert len(set(windows)) > len(meta.sources)  # random windows, not one per record
+    one_worker = [(i, h) for i, h in _collect(dataclasses.replace(train_config, num_workers=1), 6)]
+    two_workers = [(i, h) for i, h in _collect(train_config, 6)]
+    assert one_worker == two_workers  # seeded: the same windows with any number of workers
+
+    test_config = ReaderConfig(str(train), batch_size=2, mode="test", crop_shape=shape, normalization=none,
+                               max_instances=8)
+    with ImageReader(test_config) as reader:
+        passes = [[b["image"].copy() for b in reader] for _ in range(2)]
+        for batch in reader:
+            check(batch)
+    for a, b in zip(*passes):
+        np.testing.assert_array_equal(a, b)  # the same windows in every test pass
+
+    padded = ReaderConfig(str(train), batch_size=3, mode="test", crop_shape=(64, 64), normalization=none)
+    with ImageReader(padded) as reader:
+        batch = {k: v.copy() for k, v in reader.next_batch().items()}  # views die with the reader
+    for row, index in enumerate(batch["index"]):
+        src = meta.sources[int(index)]
+        if src.height < 64:
+            assert not batch["image"][row, src.height:].any() and not batch["semantic_mask"][row, src.height:].any()
+
+
+def test_a_batch_kept_after_close_stays_readable(small_db):
+    """Views are documented as valid until the next batch, but a batch used after the reader closed
+    (``with ImageReader(...) as r: batch = r.next_batch()``, then ``batch`` below) must not crash the
+    process: the mapping outlives close() while a view of it lives. It used to segfault."""
+    train, _ = small_db
+    code = f"""
+        import numpy as np
+        from imagereader import ImageReader, ReaderConfig
+        with ImageReader(ReaderConfig({str(train)!r}, batch_size=4, num_workers=1)) as reader:
+            batch = reader.next_batch()
+        print(int(batch["index"].sum()), float(np.abs(batch["image"]).sum()) > 0)
+        del batch
+        print("ok")
+    """
+    result = _run_script(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "ok"

@@ -57,3 +57,14 @@ def test_resumed_run_must_use_databases_with_the_same_records(tmp_path):
     run_folder.check_resumed_data(folder, *same)  # a copy at another path (scratch) is fine
     with pytest.raises(TrainError, match="has 11 records but the run .* was trained on 10 .*/old/train.lmdb"):
         run_folder.check_resumed_data(folder, SimpleNamespace(record_count=11), same[1])
+
+
+def test_trainer_state_keeps_the_interval_losses_and_reads_older_states(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    losses = [0.1 + 0.2, 1 / 3]  # exact floats survive JSON, so a resumed interval's mean is the same
+    run_folder.TrainerState(step=12, interval_losses=losses).save(path)
+    assert run_folder.TrainerState.load(path).interval_losses == losses
+    # a state written before reader_position was dropped (it is implied by step and topology) still loads
+    path.write_text(json.dumps({"step": 10, "reader_position": 160, "history": []}))
+    state = run_folder.TrainerState.load(path)
+    assert state.step == 10 and state.interval_losses == [] and not hasattr(state, "reader_position")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from enki_seg import processes
 from enki_seg.data import records
 from enki_seg.data.convert import ConvertOptions, convert_task, parse_label_map
 from enki_seg.data.image_io import InputError
@@ -387,10 +388,13 @@ def _worker_pool(workers: int, tasks: int):
         return None
     # Not plain fork: a parent that has already run threads (OpenCV's pools, a caller's TensorFlow)
     # hands forked children locks whose owners do not exist there, and a worker can deadlock in its
-    # first cv2 call. Workers start from a clean forkserver (spawn where there is none), as the
-    # reader's do (imagereader._default_start_method); they import only enki_seg.data.convert's code.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(min(workers, tasks), initializer=_worker_init)
+    # first cv2 call. Spawn, not the reader's forkserver: that server is one per process and ignores
+    # the trainer's signals (its children too, until they set their own), so a worker still starting
+    # when the build is terminated would ignore Pool.terminate()'s SIGTERM and the build would hang; a
+    # build starts its few workers once, so spawn's slower start does not matter.
+    method = "spawn"
+    with processes.main_module_hidden(method):
+        return multiprocessing.get_context(method).Pool(min(workers, tasks), initializer=_worker_init)
 
 
 def _worker_init() -> None:

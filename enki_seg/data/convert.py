@@ -16,6 +16,7 @@ from enki_seg.data import tiling
 from enki_seg.data.image_io import InputError
 from enki_seg.data.labels import majority_classes
 from enki_seg.data.normalization import source_image_stats
+from enki_seg.data.object_sizes import object_sizes
 from enki_seg.data.sources import Source
 
 
@@ -48,6 +49,9 @@ class SourceResult:
     warnings: list[str]
     #: set when the semantic mask holds only 0 and 255 and no --label_map was given (a binary export)
     binary_255_mask: str | None = None
+    #: (N, 3) int64 (area, box height, box width) of the objects of the whole source image, None without
+    #: instance labels (measured before tiling: objects cut by tile edges would look smaller)
+    object_sizes: np.ndarray | None = None
 
 
 def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
@@ -101,7 +105,8 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
     # channel statistics over the source pixels (once per image, not per possibly-overlapping tile)
     result = SourceResult([], [], [], records.ChannelStats.partial(image), source_image_stats(image),
                           instance is not None, str(image.dtype), image.shape[2], str(semantic.dtype),
-                          warnings, str(label_path) if looks_binary_255 else None)
+                          warnings, str(label_path) if looks_binary_255 else None,
+                          object_sizes(instance) if instance is not None else None)
     for y, x in positions:
         window = (slice(y, y + tile_h), slice(x, x + tile_w))
         tile_image = image[window]

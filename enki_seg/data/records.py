@@ -333,6 +333,9 @@ class DatasetMetadata:
     #: per source image name: its statistics for normalization scope "image"
     #: (``normalization.source_image_stats``); empty in databases built before they existed
     source_stats: dict[str, dict] = field(default_factory=dict)
+    #: object sizes over whole source images (``object_sizes.summarize``: count, percentiles and max of
+    #: area and box side); empty without instance labels and in databases built before it existed (unknown)
+    object_stats: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
@@ -420,6 +423,30 @@ def open_environment(path: str, **options):
 
 def _corrupt_message(path: str, exc: Exception) -> str:
     return (f"database {path} is corrupt ({exc}); copy it again or rebuild it with build_lmdb.py")
+
+
+def crop_shape(meta: DatasetMetadata, crop_size: int = 0, size_multiple: int = 1) -> tuple[int, int] | None:
+    """The (height, width) a reader crops ``meta``'s records to, or None when it uses them whole.
+
+    ``crop_size`` > 0: square crops of that side (a multiple of ``size_multiple``); records smaller on a
+    side are zero padded (image 0, labels background). 0: None when every record has one size, else
+    (an untiled database of images of several sizes) the smallest record height and width, rounded
+    down to ``size_multiple``, so that no record needs padding. ValueError when no crop fits.
+    """
+    if crop_size > 0:
+        if crop_size % size_multiple:
+            raise ValueError(f"crop size {crop_size} is not a multiple of the model's size multiple {size_multiple}")
+        return crop_size, crop_size
+    if meta.record_height is not None and meta.record_width is not None:
+        return None
+    height = min(s.height for s in meta.sources)
+    width = min(s.width for s in meta.sources)
+    height, width = height - height % size_multiple, width - width % size_multiple
+    if height < size_multiple or width < size_multiple:
+        raise ValueError(f"its smallest records are {min(s.height for s in meta.sources)}x"
+                         f"{min(s.width for s in meta.sources)}, smaller than the model's size multiple "
+                         f"{size_multiple}; give a crop size (records smaller than it are zero padded)")
+    return height, width
 
 
 def check_size_multiple(height: int | None, width: int | None, multiple: int, what: str) -> str | None:

@@ -75,6 +75,12 @@ def tile_stride(tile: int, margin: int, size_multiple: int) -> int:
     return stride
 
 
+def max_overlap(tile: int, size_multiple: int = 1) -> int:
+    """The largest overlap (pixels shared by neighbours, margins of ceil(overlap / 2) on both sides) that
+    leaves a ``tile`` a stride of at least one ``size_multiple`` (``tile_stride``)."""
+    return max(0, 2 * ((tile - size_multiple) // 2))
+
+
 def _axis_plan(length: int, tile: int, stride: int) -> list[tuple[int, int, int, int]]:
     """(start, size, keep0, keep1) along one axis; seams in the middle of each overlap."""
     if length <= tile:

@@ -13,7 +13,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from enki_seg.data import records
+from enki_seg.data import object_sizes, records
 from enki_seg.data.convert import SourceResult
 from enki_seg.data.image_io import InputError
 from enki_seg.files import WriteError, write_failure
@@ -87,6 +87,7 @@ class SplitAccumulator:
     has_instances: bool | None = None
     source_images: int = 0
     source_stats: dict[str, dict] = field(default_factory=dict)
+    object_sizes: list[np.ndarray] = field(default_factory=list)  # (N, 3) per source with instance labels
 
     def add(self, result: SourceResult, writer: LmdbWriter) -> None:
         """Write the records of one source and count them; raises InputError on mixed pixel types."""
@@ -105,6 +106,8 @@ class SplitAccumulator:
         self.stats.add_partial(*result.stats)
         if result.tiles:
             self.source_stats[result.tiles[0].image] = result.source_stats
+        if result.object_sizes is not None:
+            self.object_sizes.append(result.object_sizes)
         for value, tile, pixels in zip(result.values, result.tiles, result.class_pixels):
             index = len(self.sources)
             writer.put(records.record_key(index), value)
@@ -129,6 +132,7 @@ class SplitAccumulator:
             build_args=build_args, sources=self.sources,
             number_classes=number_classes, class_names=class_names, build_id=build_id,
             source_stats=self.source_stats,
+            object_stats=(object_sizes.summarize(np.concatenate(self.object_sizes)) if self.object_sizes else {}),
         )
 
 

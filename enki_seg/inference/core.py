@@ -91,6 +91,11 @@ class RunInfo:
         return self.config.input.default_tile()
 
     @property
+    def inference_overlap(self) -> int | None:
+        """The tile overlap the run recommends (Mask R-CNN: the largest training object); None: not recorded."""
+        return self.config.input.inference_overlap
+
+    @property
     def instance_target(self) -> str:
         """"boundary" for a semantic model trained on boundary targets (instances by watershed), else ""."""
         return str(self.config.train.get("instance_target") or "")

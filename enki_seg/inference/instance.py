@@ -19,9 +19,10 @@ the most frequent foreground class under it (``enki_seg.data.labels.majority_cla
 Tiles. The model sees tiles of ``tile_size`` (default: the training tile) cut as the semantic path
 cuts them (``enki_seg.data.tiling.plan_tiles``: starts on the size multiple, reflection beyond the border,
 each tile normalized on its own window as in training), overlapping by ``overlap`` pixels (default
-a quarter tile); an image within one tile is padded by reflection to the size multiple and seen
-whole. Each tile has a *core*: the part of the image nearer to it than to its neighbours (the
-half-overlap split of the semantic path); the cores partition the image.
+the run's ``input.inference_overlap``, at least its largest training object, else a quarter tile); an
+image within one tile is padded by reflection to the size multiple and seen whole. Each tile has a
+*core*: the part of the image nearer to it than to its neighbours (the half-overlap split of the
+semantic path); the cores partition the image.
 
 Merging rule (no object twice, none cut at a seam):
   1. a detection whose box centre lies outside the real image (a mirrored copy in the reflected
@@ -333,14 +334,31 @@ def model_functions(run: core.RunInfo):
     return predict, paste_masks
 
 
+def default_overlap(run: core.RunInfo, tile: int) -> int | None:
+    """The overlap when --overlap is not given: the run's ``inference_overlap`` (at least its largest training
+    object) capped to what ``tile`` allows, else None (a quarter tile)."""
+    recorded = run.inference_overlap
+    if recorded is None:
+        return None
+    allowed = tiling.max_overlap(tile, run.size_multiple)
+    if recorded > allowed:
+        logger.warning("%s recommends an overlap of %d px (its largest training object) but a %d px tile allows "
+                       "at most %d: objects wider than that may be cut; pass a larger --tile_size",
+                       run.folder / "config.json", recorded, tile, allowed)
+        return allowed
+    logger.info("tile overlap %d px (the run's largest training object; --overlap changes it)", recorded)
+    return recorded
+
+
 def load_detector(run: core.RunInfo, args: argparse.Namespace) -> Detector:
     """A :class:`Detector` of the run's model with the CLI's tile, overlap, batch and threshold settings."""
     tile = args.tile_size or run.tile_size
     if tile is None:
         raise InferenceError(f"{run.folder / 'config.json'} records no tile size; pass --tile_size")
+    overlap = args.overlap if args.overlap is not None else default_overlap(run, tile)
     predict, paste = model_functions(run)
     try:
-        return Detector(predict, paste, run.normalization, tile, overlap=args.overlap,
+        return Detector(predict, paste, run.normalization, tile, overlap=overlap,
                         batch_size=args.batch_size,
                         score_threshold=0.5 if args.score_threshold is None else args.score_threshold,
                         size_multiple=run.size_multiple)

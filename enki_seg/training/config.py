@@ -42,6 +42,8 @@ class BaseTrainConfig:
     reader_count: int = 1                # reader processes per replica
     augmentation_config: str | None = None
     augmentation: dict = field(default_factory=dict)  # overrides of AugmentConfig fields
+    crop_size: int = 0                   # >0: train on random crops of this side (0: records whole, or the
+                                         # smallest record size when records differ: untiled, several sizes)
     normalization: str = "zscore"
     normalization_scope: str = "tile"    # tile (NIST) | image: the source image's statistics for all its tiles
     normalization_percentiles: list[float] = field(default_factory=lambda: list(DEFAULT_PERCENTILES))
@@ -109,6 +111,10 @@ def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], 
     p.add_argument("--augmentation_config", help="JSON/YAML file of augmentation settings")
     p.add_argument("--augment", action="append", metavar="KEY=VALUE",
                    help="override one augmentation setting, e.g. --augment rotation=false --augment jitter=0.2")
+    p.add_argument("--crop_size", type=int,
+                   help="train on random square crops of this side (a multiple of the model's size multiple); "
+                        "default: records whole, or, when they differ in size (untiled images of several "
+                        "sizes), crops of the smallest record's size")
     p.add_argument("--normalization", choices=NORMALIZATIONS,
                    help="zscore (NIST, default), percentile (low/high -> 0/1), minmax, dataset, none")
     p.add_argument("--normalization_scope", choices=NORMALIZATION_SCOPES,
@@ -190,6 +196,8 @@ def build_config(args: argparse.Namespace, config_class):
         config.normalizer(None)
     except ValueError as exc:
         raise TrainError(f"--normalization: {exc}") from None
+    if config.crop_size < 0:
+        raise TrainError(f"--crop_size must be >= 0, got {config.crop_size}")
     if config.steps_per_execution < 1:
         raise TrainError(f"--steps_per_execution must be >= 1, got {config.steps_per_execution}")
     if config.precision not in PRECISIONS:

@@ -61,6 +61,7 @@ class Trainer:
         self.readers: list[ImageReader] = []
         self._temp_dirs: list[Path] = []
         self._saved_step: int | None = None
+        self.crop_shapes: dict[str, tuple[int, int] | None] = {"train": None, "test": None}
         #: tests only: the training step whose loss is replaced by NaN, to exercise the NaN stop on any CPU
         self._test_nan_step = int(os.environ.get("ENKI_TEST_NAN_AT_STEP", "0"))
         #: tests only: the training step after which this process sends itself SIGTERM, to stop a run at an
@@ -100,7 +101,8 @@ class Trainer:
             classes=ClassesSection(number_classes=config.number_classes,
                                    names={str(k): v for k, v in meta.class_names.items()}),
             input=InputSection(channels=meta.channels, dtype=meta.image_dtype, tile_size=meta.tile_size,
-                               record_height=meta.record_height, record_width=meta.record_width),
+                               record_height=self.example_shapes["train"][0],
+                               record_width=self.example_shapes["train"][1]),
             normalization=self.normalization.to_dict(),
             train=dataclasses.asdict(config),
             augmentation=(config.augment_config().to_dict() if config.use_augmentation else None),
@@ -129,11 +131,29 @@ class Trainer:
         with self.strategy.scope():
             self.model = self.create_model()
             size_multiple = int(getattr(self.model, "size_multiple", 1))
-            for meta, name in ((self.train_meta, cfg.train_database), (self.test_meta, cfg.test_database)):
-                problem = records.check_size_multiple(meta.record_height, meta.record_width, size_multiple, name)
-                if problem:
-                    raise TrainError(f"{problem}; rebuild with --use_tiling 1 and a --tile_size that is a "
-                                     f"multiple of {size_multiple}")
+            #: mode -> (height, width) of the examples: the records', or the crop the reader cuts them to
+            self.example_shapes = {}
+            for mode, meta, name in (("train", self.train_meta, cfg.train_database),
+                                     ("test", self.test_meta, cfg.test_database)):
+                try:
+                    crop = records.crop_shape(meta, cfg.crop_size, size_multiple)
+                except ValueError as exc:
+                    raise TrainError(f"{name}: {exc} (--crop_size, a multiple of {size_multiple})") from None
+                self.crop_shapes[mode] = crop
+                if crop is None:
+                    problem = records.check_size_multiple(meta.record_height, meta.record_width, size_multiple,
+                                                          name)
+                    if problem:
+                        raise TrainError(f"{problem}; rebuild with --use_tiling 1 and a --tile_size that is a "
+                                         f"multiple of {size_multiple}, or give --crop_size")
+                    self.example_shapes[mode] = (meta.record_height, meta.record_width)
+                else:
+                    self.example_shapes[mode] = crop
+                    logger.info("%s examples: %dx%d %s crops of its records (%s)", mode, *crop,
+                                "random" if mode == "train" else "fixed",
+                                f"--crop_size {cfg.crop_size}" if cfg.crop_size else
+                                "records differ in size: the smallest record, to a multiple of "
+                                f"{size_multiple}; --crop_size sets it")
             self.optimizer = make_optimizer(cfg, self.precision)
             self.optimizer.build(self.model.trainable_variables)
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -204,7 +224,8 @@ class Trainer:
             augment=cfg.augment_config() if mode == "train" else None,
             normalization=self.normalization, balance_classes=cfg.balance_classes and mode == "train",
             seed=cfg.seed, shard_index=input_pipeline_id, num_shards=num_input_pipelines,
-            start_position=start, size_multiple=self.size_multiple, **self.reader_options,
+            start_position=start, size_multiple=self.size_multiple, crop_shape=self.crop_shapes[mode],
+            **self.reader_options,
         )
 
     def reader_dataset_fn(self, mode: str):

@@ -5,10 +5,19 @@ The command line is ``train_maskrcnn.py``; the loop, checkpoints, resume and exp
 ``loop.Trainer``'s. Model settings: ``preset`` (``small``: GroupNorm backbone, FPN P2-P4 at 64
 channels, for CPU runs and small tiles; ``resnet50`` / ``resnet101``: TAO-like, FPN P2-P6 at 256
 channels) overridden field by field by the ``maskrcnn`` mapping (``--maskrcnn KEY=VALUE``).
+
+Object scale: unless ``anchor_scale`` is set in that mapping, the anchors are sized from the training
+database's object statistics (``object_scale.plan_object_scale``: smallest anchor <= the 5th-percentile
+box side, largest >= the largest box side, the preset's value when it already fits). The choice, the
+default inference overlap (at least the largest box side) and warnings (objects larger than the tile,
+smaller than the smallest anchor) are logged and recorded in config.json (``object_scale``,
+``input.inference_overlap``); the model config in config.json holds the anchor scale it was built with.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +30,10 @@ from enki_seg.training import loop
 from enki_seg.training.config import BaseTrainConfig, add_common_arguments
 from enki_seg.training.config import build_config as build_base_config
 from enki_seg.training.errors import TrainError
+from enki_seg.training.object_scale import ObjectScale, plan_object_scale
 from enki_seg.visualize import overlay
+
+logger = logging.getLogger(__name__)
 
 MONITORS = {"loss": "min", "mask_ap": "max", "box_ap": "max", "mask_ap50": "max", "box_ap50": "max"}
 
@@ -86,10 +98,51 @@ def build_config(args: argparse.Namespace) -> MaskRCNNTrainConfig:
     return config
 
 
+def object_scale_of(config: MaskRCNNTrainConfig, train_meta: records.DatasetMetadata) -> ObjectScale:
+    """``plan_object_scale`` for a run: the user's ``anchor_scale`` if set, else derived from the training
+    database's ``object_stats`` (the preset's when it has none); logs the choice and the warnings."""
+    model = config.model_config()
+    tile = train_meta.tile_size
+    if tile is None and train_meta.record_height is not None and train_meta.record_width is not None:
+        tile = min(train_meta.record_height, train_meta.record_width)
+    # size multiple: MaskRCNN.size_multiple, 2**max_level
+    plan = plan_object_scale(getattr(train_meta, "object_stats", {}), model.min_level, model.max_level,
+                             model.num_scales, model.anchor_scale,
+                             user_scale=model.anchor_scale if "anchor_scale" in config.maskrcnn else None,
+                             tile_size=tile, size_multiple=2 ** model.max_level)
+    stats = plan.object_stats
+    if stats:
+        logger.info("objects of %s: %d, box side p5 %g / median %g / max %g px", config.train_database,
+                    stats["count"], stats["box_side"]["p5"], stats["box_side"]["p50"], stats["box_side"]["max"])
+    else:
+        logger.info("%s records no object sizes (built before they were measured): anchors of the preset",
+                    config.train_database)
+    logger.info("anchor_scale %g (%s): anchors %g to %g px; default inference overlap %s", plan.anchor_scale,
+                plan.anchor_source, plan.smallest_anchor, plan.largest_anchor,
+                "unknown" if plan.inference_overlap is None else f"{plan.inference_overlap} px")
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+    return plan
+
+
 class MaskRCNNTrainer(loop.Trainer):
     """Instance segmentation: RPN + box + mask losses; COCO AP on the test database at each interval."""
 
     MONITOR_MODES = MONITORS
+
+    def __init__(self, config: MaskRCNNTrainConfig, train_meta, test_meta, resume: bool, cluster=None):
+        super().__init__(config, train_meta, test_meta, resume, cluster)
+        self.object_scale = object_scale_of(config, train_meta)
+
+    def model_config(self):
+        """The MaskRCNNConfig the model is built with: the run's, with the anchor scale of ``object_scale``."""
+        return dataclasses.replace(self.config.model_config(), anchor_scale=self.object_scale.anchor_scale)
+
+    def run_config(self):
+        run = super().run_config()
+        run.input.inference_overlap = self.object_scale.inference_overlap
+        run.extra["object_scale"] = self.object_scale.to_dict()
+        return run
 
     @property
     def reader_options(self) -> dict:
@@ -109,7 +162,7 @@ class MaskRCNNTrainer(loop.Trainer):
     def create_model(self):
         from models.maskrcnn import MaskRCNN
 
-        return MaskRCNN(self.config.model_config(), input_channels=self.train_meta.channels,
+        return MaskRCNN(self.model_config(), input_channels=self.train_meta.channels,
                         num_classes=self.config.number_classes)
 
     def compute_loss(self, batch: dict):
@@ -125,10 +178,10 @@ class MaskRCNNTrainer(loop.Trainer):
 
         # one trace for full and partial test batches alike (a Mask R-CNN graph takes seconds to trace)
         meta, m = self.test_meta, self.config.max_num_instances
-        image = tf.TensorSpec((None, meta.record_height, meta.record_width, meta.channels), tf.float32)
+        height, width = self.example_shapes["test"]
+        image = tf.TensorSpec((None, height, width, meta.channels), tf.float32)
         signature = [image, tf.TensorSpec((None, m, 4), tf.float32), tf.TensorSpec((None, m), tf.int32),
-                     tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None, meta.record_height, meta.record_width),
-                                                                   tf.int32)]
+                     tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None, height, width), tf.int32)]
 
         @tf.function(input_signature=[image])
         def detect(images):
@@ -188,6 +241,12 @@ class MaskRCNNTrainer(loop.Trainer):
             masks = paste_masks(boxes, out["masks"][i, keep], height, width)
             record = truth.read(int(batch["index"][i]))  # the test reader does not augment: same pixels
             labels, gt_classes = record.instance_labels, record.instance_classes
+            if "crop_origin" in batch:  # the window the reader cut (zero padded where the record is smaller)
+                y, x = (int(v) for v in batch["crop_origin"][i])
+                window = np.zeros((height, width), labels.dtype)
+                part = labels[y: y + height, x: x + width]
+                window[: part.shape[0], : part.shape[1]] = part
+                labels = window
             evaluator.add_image(count, height, width, labels, gt_classes, boxes, out["scores"][i, keep],
                                 out["classes"][i, keep], masks)
             if len(overlays) < cfg.test_images:
