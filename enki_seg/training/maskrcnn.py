@@ -102,9 +102,13 @@ def object_scale_of(config: MaskRCNNTrainConfig, train_meta: records.DatasetMeta
     """``plan_object_scale`` for a run: the user's ``anchor_scale`` if set, else derived from the training
     database's ``object_stats`` (the preset's when it has none); logs the choice and the warnings."""
     model = config.model_config()
-    tile = train_meta.tile_size
-    if tile is None and train_meta.record_height is not None and train_meta.record_width is not None:
+    # the side of the training examples: the crop (--crop_size, or the smallest record when records
+    # differ in size), else the records'
+    tile = config.crop_size or train_meta.tile_size
+    if not tile and train_meta.record_height is not None and train_meta.record_width is not None:
         tile = min(train_meta.record_height, train_meta.record_width)
+    if not tile and train_meta.sources:
+        tile = min(min(s.height, s.width) for s in train_meta.sources)
     # size multiple: MaskRCNN.size_multiple, 2**max_level
     plan = plan_object_scale(getattr(train_meta, "object_stats", {}), model.min_level, model.max_level,
                              model.num_scales, model.anchor_scale,
