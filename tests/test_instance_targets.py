@@ -62,3 +62,24 @@ def test_watershed_drops_small_seeds_and_objects_and_handles_empty_input():
     assert instances_from_probabilities(probabilities, WatershedConfig(min_seed_area=2)).max() == 0
     labels = np.array([[1, 1, 0, 2], [1, 1, 0, 0], [0, 0, 3, 3]])
     np.testing.assert_array_equal(remove_small_objects(labels, 2), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2]])
+
+
+def test_default_seeds_split_nuclei_joined_by_an_uncertain_seam_and_drop_tiny_seeds():
+    # The defaults (seed threshold 0.9, seeds >= 8 px) were tuned on DSB2018 nuclei (README): seeds at
+    # 0.5 merged touching nuclei whose shared rim the model is unsure of.
+    labels = _two_touching_squares()
+    probabilities = np.eye(3, dtype=np.float32)[boundary_classes(labels)] * 0.98 + 0.01
+    probabilities[3:9, 7:9] = [0.0, 0.7, 0.3]  # the seam: interior 0.7, rim 0.3
+    recovered = instances_from_probabilities(probabilities)
+    assert recovered.max() == 2
+    for old in (5, 9):
+        values = np.unique(recovered[labels == old])
+        assert values.size == 1 and values[0] > 0
+    assert instances_from_probabilities(probabilities, WatershedConfig(seed_threshold=0.5)).max() == 1
+    # a 20 px object whose confident interior (the seed) has only 6 px: noise under the default
+    small = np.zeros((8, 8, 3), np.float32)
+    small[..., 0] = 1
+    small[2:6, 2:7] = [0.0, 0.0, 1.0]
+    small[3:5, 3:6] = [0.0, 1.0, 0.0]
+    assert instances_from_probabilities(small).max() == 0
+    assert instances_from_probabilities(small, WatershedConfig(min_seed_area=4)).max() == 1

@@ -5,6 +5,9 @@ arguments; bad input raises InputError naming the file and the fix.
 """
 from __future__ import annotations
 
+import itertools
+import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +18,11 @@ from enki_seg.data import records
 from enki_seg.data import tiling
 from enki_seg.data.image_io import InputError
 from enki_seg.data.labels import majority_classes
-from enki_seg.data.normalization import source_image_stats
+from enki_seg.data.normalization import SourceStatsAccumulator, source_image_stats
 from enki_seg.data.object_sizes import object_sizes
 from enki_seg.data.sources import Source
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,21 +60,50 @@ class SourceResult:
 
 
 def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
-    """Read, validate, tile and encode one source image."""
-    image = image_io.read_image(source.image)
+    """Read, validate, tile and encode one source image.
+
+    An image that ``image_io.open_image`` reads by region (a large tiled or striped TIFF, OME-Zarr) is
+    tiled row of tiles by row of tiles with ``--use_tiling 1``: one band of ``tile_size`` rows is in
+    memory at a time and the channel statistics are accumulated over the bands in the same pass
+    (``SourceStatsAccumulator``). Its semantic mask is read by region too when its format allows;
+    instance labels and COCO polygons are made whole (objects are classed and measured over the whole
+    image), with a log line saying so.
+    """
+    with image_io.open_image(source.image) as opened:
+        by_region = bool(options.use_tiling and opened.tile_wise)
+        if opened.tile_wise and not by_region:
+            logger.info("%s is read whole: with --use_tiling 0 it becomes one record", source.image)
+        image = opened if by_region else image_io.ArraySource(opened.read(), source.image)
+        with ExitStack() as stack:
+            return _convert(source, options, image, by_region, stack)
+
+
+def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSource, by_region: bool,
+             stack: ExitStack) -> SourceResult:
     warnings: list[str] = []
+    height, width = image.shape[:2]
     semantic = instance = classes_by_id = None
     if source.coco_entry is not None:
         dataset = coco.CocoDataset({}, options.class_map, {}, [])
-        instance, semantic, classes = coco.rasterize(source.coco_entry, dataset, *image.shape[:2], warnings)
+        instance, semantic, classes = coco.rasterize(source.coco_entry, dataset, height, width, warnings)
         classes_by_id = np.concatenate([[0], classes]).astype(np.int32)
     else:
         if source.mask is not None:
-            semantic = image_io.read_labels(source.mask, "mask")
+            if by_region and source.instance is None:
+                semantic = image_io.open_labels(source.mask, "mask")
+                if isinstance(semantic, image_io.LabelRegions):
+                    stack.enter_context(semantic)
+                else:
+                    logger.info("mask %s is read whole (its format cannot be read by region)", source.mask)
+            else:
+                semantic = image_io.read_labels(source.mask, "mask")
             _check_same_size(image, semantic, source.image, source.mask)
-            if options.label_map:
+            if options.label_map and isinstance(semantic, np.ndarray):
                 semantic = apply_label_map(semantic, options.label_map)
         if source.instance is not None:
+            if by_region:
+                logger.info("instance labels %s are read whole (objects are classed and measured over the "
+                            "whole image)", source.instance)
             instance = image_io.read_labels(source.instance, "instance labels")
             _check_same_size(image, instance, source.image, source.instance)
             classes_by_id, on_background = majority_classes(instance, semantic)
@@ -79,17 +113,25 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
             if semantic is None:
                 semantic = (instance > 0).astype(np.uint8)
     label_path = source.mask or source.instance or source.image
-    max_label = int(semantic.max())
-    looks_binary_255 = (source.mask is not None and not options.label_map and max_label == 255
-                        and not np.any((semantic != 0) & (semantic != 255)))
+    if isinstance(semantic, image_io.LabelRegions):  # the values its first pass found, mapped
+        label_values = semantic.values.astype(semantic.dtype)
+        if options.label_map:
+            label_values = apply_label_map(label_values, options.label_map)
+        mask_dtype, max_label = label_values.dtype, int(label_values.max())
+        looks_binary_255 = (not options.label_map and max_label == 255
+                            and not np.any((label_values != 0) & (label_values != 255)))
+    else:
+        label_values = None
+        mask_dtype, max_label = semantic.dtype, int(semantic.max())
+        looks_binary_255 = (source.mask is not None and not options.label_map and max_label == 255
+                            and not np.any((semantic != 0) & (semantic != 255)))
     if options.number_classes is not None and max_label >= options.number_classes:
-        found = np.unique(semantic)
+        found = np.unique(semantic if label_values is None else label_values)
         bad = found[found >= options.number_classes]
         fix = ("it looks like a 0/255 binary export: pass --label_map 255=1" if looks_binary_255
                else "raise --number_classes, map the values with --label_map, or fix the mask")
         raise InputError(f"mask {label_path} has labels {bad.tolist()} >= --number_classes "
                          f"{options.number_classes}; {fix}")
-    height, width = image.shape[:2]
     if options.use_tiling:
         if height < options.tile_size or width < options.tile_size:
             raise InputError(
@@ -103,24 +145,45 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
         positions = [(0, 0)]
         tile_h, tile_w = height, width
     # channel statistics over the source pixels (once per image, not per possibly-overlapping tile)
-    result = SourceResult([], [], [], records.ChannelStats.partial(image), source_image_stats(image),
-                          instance is not None, str(image.dtype), image.shape[2], str(semantic.dtype),
+    if by_region:
+        accumulator = SourceStatsAccumulator(height, width, image.shape[2])
+        stats = source_stats = None
+    else:
+        stats, source_stats = records.ChannelStats.partial(image.array), source_image_stats(image.array)
+    result = SourceResult([], [], [], stats, source_stats,
+                          instance is not None, str(image.dtype), image.shape[2], str(mask_dtype),
                           warnings, str(label_path) if looks_binary_255 else None,
                           object_sizes(instance) if instance is not None else None)
-    for y, x in positions:
-        window = (slice(y, y + tile_h), slice(x, x + tile_w))
-        tile_image = image[window]
-        tile_mask = semantic[window]
-        tile_inst = tile_classes = None
-        if instance is not None:
-            tile_inst, tile_classes = _compact_instances(instance[window], classes_by_id)
-        example = records.Example(tile_image, np.ascontiguousarray(tile_mask), tile_inst, tile_classes)
-        result.values.append(records.encode_example(example, options.compression))
-        result.tiles.append(records.RecordSource(
-            image=source.image.name, mask=source.mask.name if source.mask else None,
-            instance=source.instance.name if source.instance else None,
-            y=y, x=x, height=tile_h, width=tile_w))
-        result.class_pixels.append(_class_pixels(tile_mask))
+    counted = 0  # rows of the image in the statistics so far
+    for y, row in itertools.groupby(positions, key=lambda position: position[0]):
+        band = image.read_region(y, 0, tile_h, width)  # one row of tiles; a view of a whole image
+        if isinstance(semantic, image_io.LabelRegions):
+            mask_band = semantic.read_region(y, 0, tile_h, width)
+            if options.label_map:
+                mask_band = apply_label_map(mask_band, options.label_map)
+        else:
+            mask_band = semantic[y : y + tile_h]
+        if by_region and y + tile_h > counted:
+            accumulator.add_rows(band[max(0, counted - y) :])
+            counted = y + tile_h
+        for _, x in row:
+            columns = slice(x, x + tile_w)
+            tile_image = band[:, columns]
+            tile_mask = mask_band[:, columns]
+            tile_inst = tile_classes = None
+            if instance is not None:
+                tile_inst, tile_classes = _compact_instances(instance[y : y + tile_h, columns], classes_by_id)
+            example = records.Example(tile_image, np.ascontiguousarray(tile_mask), tile_inst, tile_classes)
+            result.values.append(records.encode_example(example, options.compression))
+            result.tiles.append(records.RecordSource(
+                image=source.image.name, mask=source.mask.name if source.mask else None,
+                instance=source.instance.name if source.instance else None,
+                y=y, x=x, height=tile_h, width=tile_w))
+            result.class_pixels.append(_class_pixels(tile_mask))
+    if by_region:
+        moments = accumulator.moments
+        result.stats = (moments.count, moments.mean, moments.m2, moments.min, moments.max)
+        result.source_stats = accumulator.result()
     return result
 
 
@@ -170,7 +233,7 @@ def apply_label_map(mask: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
 
 
 def _check_same_size(image, labels, image_path, label_path):
-    if labels.shape != image.shape[:2]:
+    if tuple(labels.shape) != tuple(image.shape[:2]):
         raise InputError(
             f"{label_path} is {labels.shape[0]}x{labels.shape[1]} but image {image_path} is "
             f"{image.shape[0]}x{image.shape[1]}; image and labels must be the same size"

@@ -154,12 +154,23 @@ class Normalization:
         scale = np.where(hi > lo, 1.0 / np.where(hi > lo, hi - lo, 1.0), 1.0).astype(np.float32)
         return offset, scale
 
-    def for_image(self, image: np.ndarray):
+    def for_image(self, image):
         """The ``normalize(raw_tile, out=None)`` function for the tiles of ``image`` (whole, H, W, C): this
-        normalization with, for scope ``image``, the statistics of the whole image."""
+        normalization with, for scope ``image``, the statistics of the whole image.
+
+        ``image`` may be an ``image_io.ImageSource`` read by region: the statistics are then accumulated
+        over row bands (:class:`SourceStatsAccumulator`: percentiles from the strided subsample a whole
+        read takes, mean and std equal up to float64 rounding), never by loading the image."""
         if not self.per_image:
             return self.apply
-        affine = self.affine_from_image(image)
+        if isinstance(image, np.ndarray):
+            affine = self.affine_from_image(image)
+        else:
+            height, width, channels = image.shape
+            accumulator = SourceStatsAccumulator(height, width, channels)
+            for _, band in image.row_bands():
+                accumulator.add_rows(band)
+            affine = self.affine_from_source_stats(accumulator.result(self.percentiles), str(image.path))
         return lambda tile, out=None: self.apply(tile, out=out, affine=affine)
 
     # -- application
@@ -224,3 +235,40 @@ def source_image_stats(image: np.ndarray) -> dict:
         "max": [float(p.max()) for p in planes],
         "quantiles": {_level_key(level): quantiles[:, k].tolist() for k, level in enumerate(QUANTILE_LEVELS)},
     }
+
+
+class SourceStatsAccumulator:
+    """:func:`source_image_stats` of an image read as disjoint full-width row bands, top to bottom.
+
+    For images read region by region (``image_io.RegionSource``): ``add_rows`` each band once, then
+    ``result``. Mean and std are merged per band (Chan et al.; equal to the whole-image values up to
+    float64 rounding), min and max are exact, and the percentiles come from the same strided subsample
+    of ``QUANTILE_SAMPLE`` pixels that :func:`channel_percentiles` takes of the whole plane (the pixels
+    at flat indices 0, k, 2k, ...), so they are identical to a whole read. Memory: that subsample.
+    """
+
+    def __init__(self, height: int, width: int, channels: int):
+        from enki_seg.data.records import ChannelStats
+
+        self.width, self.rows = width, 0
+        pixels = height * width
+        self.stride = -(-pixels // QUANTILE_SAMPLE) if pixels > QUANTILE_SAMPLE else 1
+        self.moments = ChannelStats(channels)
+        self.samples: list[np.ndarray] = []
+
+    def add_rows(self, band: np.ndarray) -> None:
+        """The next (h, W, C) rows of the image."""
+        self.moments.add(band)
+        flat = band.reshape(-1, band.shape[-1])
+        first = (-self.rows * self.width) % self.stride
+        self.samples.append(flat[first :: self.stride].copy())
+        self.rows += band.shape[0]
+
+    def result(self, levels=QUANTILE_LEVELS) -> dict:
+        """The statistics dict of :func:`source_image_stats` (percentiles at ``levels``)."""
+        moments = self.moments.as_dict()
+        sample = np.concatenate(self.samples, axis=0)
+        quantiles = np.array([[float(v) for v in np.percentile(sample[:, c], list(levels))]
+                              for c in range(sample.shape[1])])
+        return {"mean": moments["mean"], "std": moments["std"], "min": moments["min"], "max": moments["max"],
+                "quantiles": {_level_key(level): quantiles[:, k].tolist() for k, level in enumerate(levels)}}

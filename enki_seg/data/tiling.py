@@ -122,7 +122,10 @@ def read_window(image: np.ndarray, y: int, x: int, height: int, width: int) -> n
     """The (height, width, C) window at (y, x) of ``image`` reflection-padded beyond its border.
 
     A view when the window lies inside the image, a small copy otherwise (no padded image is made).
+    ``image`` may also be an ``image_io.RegionSource``: it reads the window's rows from the file.
     """
+    if not isinstance(image, np.ndarray) and hasattr(image, "read_window"):
+        return image.read_window(y, x, height, width)
     rows, cols = image.shape[:2]
     if y >= 0 and x >= 0 and y + height <= rows and x + width <= cols:
         return image[y : y + height, x : x + width]

@@ -259,10 +259,16 @@ def check_channels(files: list[Path], channels: int, model: str) -> None:
 
 
 def read_ahead(paths: list[Path]):
-    """Yield (path, image or InputError), reading the next file in a thread while the caller works."""
+    """Yield (path, image or InputError), reading the next file in a thread while the caller works.
+
+    An image ``image_io.open_image`` reads by region (a large tiled or striped TIFF, OME-Zarr) comes as
+    that open ``RegionSource`` (the caller closes it; tiles are read from it as they are needed),
+    every other one as its whole (H, W, C) array.
+    """
     def read(path):
         try:
-            return image_io.read_image(path)
+            source = image_io.open_image(path)
+            return source if source.tile_wise else source.read()
         except image_io.InputError as exc:
             return exc
 
@@ -297,6 +303,11 @@ def write_labels(path: Path, labels: np.ndarray) -> Path:
     return path
 
 
+def subsample(image, step: int) -> np.ndarray:
+    """``image[::step, ::step]`` of an array or an ``image_io.ImageSource`` (read band by band)."""
+    return image[::step, ::step] if isinstance(image, np.ndarray) else image.subsample(step)
+
+
 def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, num_classes: int) -> Path:
     """PNG of channel 0 with the classes tinted (``enki_seg.visualize.overlay``), at most OVERLAY_MAX_SIDE a side.
 
@@ -305,7 +316,7 @@ def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, num_classes
     import imagecodecs
 
     step = max(1, -(-max(labels.shape) // OVERLAY_MAX_SIDE))
-    rgb = overlay(image[::step, ::step, 0], labels[::step, ::step], num_classes)
+    rgb = overlay(subsample(image, step)[..., 0], labels[::step, ::step], num_classes)
     with atomic_path(path) as tmp:
         imagecodecs.imwrite(str(tmp), rgb)
     return path
@@ -369,6 +380,8 @@ def process_images(job: Job, handle) -> int:
                 logger.error("skipped: %s", detail)
                 job.failures.append(detail)
             finally:
+                if isinstance(image, image_io.ImageSource):
+                    image.close()
                 image = None
                 bar.update(1)
     return done

@@ -275,7 +275,7 @@ def write_instance_overlay(path: Path, image: np.ndarray, labels: np.ndarray, cl
     small = labels[::step, ::step]
     class_of_id = np.concatenate([[0], np.asarray(classes, np.int64)])
     outlines = np.where(find_boundaries(small, mode="inner"), class_of_id[small], 0)
-    return core.write_overlay(path, image[::step, ::step], outlines, num_classes)
+    return core.write_overlay(path, core.subsample(image, step), outlines, num_classes)
 
 
 def _json_safe(value):
