@@ -10,11 +10,13 @@ and its model name picks the path:
 * semantic runs (``enki_seg.inference.semantic``): for each input ``a.tif``, ``OUT/a.tif`` (label
   mask, smallest integer type: uint8 for < 256 classes, zlib-compressed TIFF, or ``--output_format
   png``), with ``--save_overlay 1`` ``OUT/overlays/a.png`` (image with the classes tinted), with
-  ``--save_probabilities 1`` ``OUT/probabilities/a.tif`` (float16 softmax, one page per class,
-  (K, H, W)), and with ``--mask_folder`` (masks matched by file stem) ``OUT/metrics.json``,
+  ``--save_probabilities 1`` ``OUT/probabilities/a.tif`` (softmax, one page per class, (K, H, W);
+  float16, or ``--probability_dtype float32`` / ``uint8`` (round(255 p)) for Fiji), and with ``--mask_folder`` (masks matched by file stem) ``OUT/metrics.json``,
   ``OUT/metrics.csv`` (per class precision/recall/F1/IoU/Dice and micro/macro/weighted averages
   over all pixels of all images) and ``OUT/metrics_per_image.csv``. ``--margin`` overrides the
-  measured receptive field that decides how much of each tile is kept.
+  measured receptive field that decides how much of each tile is kept. Images read by region
+  (whole slides, README "Whole slides") get these as tiled, compressed, pyramidal OME-TIFFs written
+  band by band (``enki_seg.inference.pyramid``).
 * boundary-target runs (``train_unet.py --instance_target boundary``; ``enki_seg.inference.watershed``):
   the semantic model's interior/boundary probabilities, stitched over tiles, then a seeded watershed
   gives instances; the outputs and metrics are those of maskrcnn runs below.
@@ -61,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pixels kept from tile edges (default: the measured receptive field, at most tile/4)")
     p.add_argument("--save_overlay", type=int, choices=(0, 1), default=0, help="OUT/overlays/NAME.png")
     p.add_argument("--save_probabilities", type=int, choices=(0, 1), default=0,
-                   help="OUT/probabilities/NAME.tif: float16 softmax, one page per class")
+                   help="OUT/probabilities/NAME.tif: softmax, one page per class (dtype: --probability_dtype)")
+    p.add_argument("--probability_dtype", choices=("float16", "float32", "uint8"), default="float16",
+                   help="probabilities as float16 (default; Fiji cannot open it), float32, or uint8 = round(255 p)")
     p.add_argument("--output_format", choices=("tif", "png"), default="tif", help="label mask format (tif)")
     p.add_argument("--precision", choices=("run", "float32"), default="run",
                    help="run the model in the precision it was trained in (run, default) or in float32")

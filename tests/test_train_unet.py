@@ -302,7 +302,9 @@ def test_bfloat16_run_is_recorded_and_inference_matches_float32(blocks_db, tmp_p
 @pytest.mark.slow  # starts trainers
 def test_several_steps_per_call_end_with_the_same_weights(blocks_db, tmp_path):
     """--steps_per_execution 4 (clipped at logs every 5 and intervals every 6 steps) and 1: deterministic
-    runs end with equal weights and equal metrics.csv."""
+    runs log, test and checkpoint at the same steps and end with the same weights and metrics.csv, up to
+    float rounding (K steps in a tf.range loop are another graph than one step per call, and oneDNN may
+    pick other kernels for it on some CPUs: bit-equality is not promised)."""
     runs = {}
     for k in (1, 4):
         out = tmp_path / f"k{k}"
@@ -310,10 +312,17 @@ def test_several_steps_per_call_end_with_the_same_weights(blocks_db, tmp_path):
                       "--steps_per_execution", str(k), "--use_augmentation", "1"))
         assert r.returncode == 0, r.stderr[-3000:]
         assert re.findall(r"INFO \S+: step (\d+)  loss", r.stderr) == ["5", "10"]  # logged where K=1 logs
-        runs[k] = (json.loads((out / "summary.json").read_text())["weights_fingerprint"], _history(out))
-    assert runs[1][0] == runs[4][0]
-    assert [{k: v for k, v in row.items() if k != "seconds"} for row in runs[1][1]] == \
-        [{k: v for k, v in row.items() if k != "seconds"} for row in runs[4][1]]
+        runs[k] = (_checkpoint_tensors(out), _history(out))
+    (tensors_1, history_1), (tensors_4, history_4) = runs[1], runs[4]
+    assert tensors_1.keys() == tensors_4.keys() and len(tensors_1) > 10
+    for name in tensors_1:  # the model's weights (Adam's moments of near-zero gradients amplify rounding)
+        if name.startswith("model"):
+            np.testing.assert_allclose(tensors_4[name], tensors_1[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert [row["step"] for row in history_1] == [row["step"] for row in history_4] == ["6", "12"]
+    for row_1, row_4 in zip(history_1, history_4):
+        for key in row_1:
+            if key != "seconds":
+                assert float(row_4[key]) == pytest.approx(float(row_1[key]), rel=1e-5, abs=1e-7), key
 
 
 def test_precision_choice_follows_the_hardware():

@@ -42,9 +42,14 @@ class Evaluation:
         rows_per_chunk = max(1, EVAL_CHUNK_PIXELS // max(1, truth.shape[1]))
         for start in range(0, truth.shape[0], rows_per_chunk):
             image.update(truth[start : start + rows_per_chunk], prediction[start : start + rows_per_chunk])
+        return self.add_accumulated(name, image, int(truth.size))
+
+    def add_accumulated(self, name: str, image: seg_metrics.ConfusionAccumulator,
+                        pixels: int) -> seg_metrics.SegmentationMetrics:
+        """Add one image whose confusion matrix was accumulated by the caller (a slide, band by band)."""
         self.total.update_matrix(image.matrix)
         scores = image.result()
-        row = {"image": name, "pixels": int(truth.size), "accuracy": scores.accuracy,
+        row = {"image": name, "pixels": pixels, "accuracy": scores.accuracy,
                "mean_iou": scores.mean_iou, "foreground_iou": scores.foreground_iou}
         row.update({f"iou_{n}": float(v) for n, v in zip(scores.class_names, scores.iou)})
         self.rows.append(row)

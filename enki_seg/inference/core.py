@@ -308,15 +308,18 @@ def subsample(image, step: int) -> np.ndarray:
     return image[::step, ::step] if isinstance(image, np.ndarray) else image.subsample(step)
 
 
-def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, num_classes: int) -> Path:
+def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, num_classes: int, step: int | None = None) -> Path:
     """PNG of channel 0 with the classes tinted (``enki_seg.visualize.overlay``), at most OVERLAY_MAX_SIDE a side.
 
     ``overlay`` needs ~60 bytes per overlay pixel, hence the subsampled preview of large images.
+    ``step``: ``labels`` is already ``full_labels[::step, ::step]`` (a slide streamed band by band).
     """
     import imagecodecs
 
-    step = max(1, -(-max(labels.shape) // OVERLAY_MAX_SIDE))
-    rgb = overlay(subsample(image, step)[..., 0], labels[::step, ::step], num_classes)
+    if step is None:
+        step = max(1, -(-max(labels.shape) // OVERLAY_MAX_SIDE))
+        labels = labels[::step, ::step]
+    rgb = overlay(subsample(image, step)[..., 0], labels, num_classes)
     with atomic_path(path) as tmp:
         imagecodecs.imwrite(str(tmp), rgb)
     return path

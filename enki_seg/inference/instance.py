@@ -6,7 +6,8 @@
         --mask_folder instance_masks --save_overlay 1 --score_threshold 0.5
 
 For each input ``a.tif`` it writes ``OUT/a.tif`` (instance labels: 0 background, ids 1..N by
-descending score, uint16, uint32 above 65,535 objects), with ``--save_overlay 1``
+descending score, uint16, uint32 above 65,535 objects; for a slide read by region a tiled, pyramidal
+OME-TIFF painted band by band, :func:`instance_label_bands`), with ``--save_overlay 1``
 ``OUT/overlays/a.png`` (instance outlines coloured by class), and for the folder
 ``OUT/detections.json``: COCO-shaped (``images`` with ids = position in the sorted file list and
 file names, ``categories``, ``annotations`` = the COCO results with ``score`` and an ``id``), so
@@ -55,7 +56,7 @@ from enki_seg.data import image_io, tiling
 from enki_seg.data.labels import majority_classes, paint_instances
 from enki_seg.data.tiling import Tile
 from enki_seg.evaluation import coco_ap, instance_matching
-from enki_seg.files import atomic_write_text
+from enki_seg.files import atomic_path, atomic_write_text
 from enki_seg.inference import core
 from enki_seg.inference.core import InferenceError
 
@@ -104,6 +105,30 @@ class Detections:
 def instance_labels(detections: Detections, height: int, width: int) -> np.ndarray:
     """(H, W) int32 instance labels: detection i (in score order) gets id i + 1; overlaps go to the higher score."""
     return paint_instances(detections.scores, detections.masks, detections.offsets, (height, width))
+
+
+def instance_label_bands(detections: Detections, height: int, width: int, rows: int, dtype=np.int32):
+    """Yield the rows of :func:`instance_labels` ``rows`` at a time, as (h, W) ``dtype``, never the whole image.
+
+    The same ids (score rank + 1, over all detections of the image) and the same overlap rule; each
+    band paints only the detections whose crops reach into it.
+    """
+    scores = np.asarray(detections.scores, np.float64).reshape(-1)
+    rank = np.empty(len(scores), np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+    offsets = np.asarray(detections.offsets, np.int64).reshape(-1, 2)
+    tops = offsets[:, 0]
+    bottoms = tops + np.array([crop.shape[0] for crop in detections.masks], np.int64)
+    for b0 in range(0, height, rows):
+        b1 = min(b0 + rows, height)
+        band = np.zeros((b1 - b0, width), dtype)
+        hits = np.flatnonzero((tops < b1) & (bottoms > b0))
+        for index in hits[np.argsort(-rank[hits], kind="stable")]:  # the worst first: better ones paint over it
+            crop = np.asarray(detections.masks[index], bool)
+            y, x = offsets[index]
+            top, bottom = max(y, b0), min(y + crop.shape[0], b1)
+            band[top - b0 : bottom - b0, x : x + crop.shape[1]][crop[top - y : bottom - y]] = rank[index] + 1
+        yield band
 
 
 @dataclass
@@ -267,12 +292,18 @@ def write_instance_labels(path: Path, labels: np.ndarray) -> Path:
 
 
 def write_instance_overlay(path: Path, image: np.ndarray, labels: np.ndarray, classes: np.ndarray,
-                           num_classes: int) -> Path:
-    """PNG of channel 0 with each instance's outline tinted by its class (``classes``: (N,) class of id k at k - 1)."""
+                           num_classes: int, step: int | None = None) -> Path:
+    """PNG of channel 0 with each instance's outline tinted by its class (``classes``: (N,) class of id k at k - 1).
+
+    ``step``: ``labels`` is already ``full_labels[::step, ::step]`` (a slide, gathered band by band).
+    """
     from skimage.segmentation import find_boundaries
 
-    step = max(1, -(-max(labels.shape) // core.OVERLAY_MAX_SIDE))  # outlines of the preview, not thinned out
-    small = labels[::step, ::step]
+    if step is None:
+        step = max(1, -(-max(labels.shape) // core.OVERLAY_MAX_SIDE))  # outlines of the preview, not thinned out
+        small = labels[::step, ::step]
+    else:
+        small = labels
     class_of_id = np.concatenate([[0], np.asarray(classes, np.int64)])
     outlines = np.where(find_boundaries(small, mode="inner"), class_of_id[small], 0)
     return core.write_overlay(path, core.subsample(image, step), outlines, num_classes)
@@ -380,6 +411,46 @@ def instance_classes(instances: np.ndarray, semantic_mask: np.ndarray | None, nu
     return np.where(classes[1:] > 0, classes[1:], 1)
 
 
+def _write_labels(path: Path, image, detections: Detections, output: Path, args, num_classes: int) -> np.ndarray:
+    """Today's outputs of an image: the whole (H, W) label image, written at once (and its overlay)."""
+    labels = instance_labels(detections, *image.shape[:2])
+    write_instance_labels(output / f"{path.stem}.{args.output_format}", labels)
+    if args.save_overlay:
+        write_instance_overlay(output / "overlays" / f"{path.stem}.png", image, labels, detections.classes,
+                               num_classes)
+    return labels
+
+
+def _write_slide_labels(path: Path, source, detections: Detections, output: Path, args, num_classes: int) -> None:
+    """A slide read by region: its labels painted band by band into a pyramidal OME-TIFF ``OUT/NAME.tif``.
+
+    Ids as in :func:`instance_labels` (unique over the slide; objects cut by tile seams were merged
+    by the detector); uint16, uint32 when the slide has 65,536 detections or more. The overlay is
+    gathered from the bands, subsampled.
+    """
+    from enki_seg.inference import pyramid
+
+    height, width = source.shape[:2]
+    if args.output_format != "tif":
+        logger.warning("%s is read by region: its labels are written as a pyramidal OME-TIFF %s.tif, not %s",
+                       path.name, path.stem, args.output_format)
+    dtype = np.uint16 if len(detections) < 2**16 else np.uint32
+    step = max(1, -(-max(height, width) // core.OVERLAY_MAX_SIDE))
+    preview: list[np.ndarray] = []
+    target = output / f"{path.stem}.tif"
+    with atomic_path(target) as tmp, pyramid.PyramidWriter(tmp, height, width, dtype, "nearest") as writer:
+        y = 0
+        for band in instance_label_bands(detections, height, width, 2 * pyramid.TILE, dtype):
+            writer.add(band)
+            if args.save_overlay:
+                preview.append(band[-(-y // step) * step - y :: step, ::step])
+            y += band.shape[0]
+        writer.finish()
+    if args.save_overlay:
+        write_instance_overlay(output / "overlays" / f"{path.stem}.png", source, np.concatenate(preview),
+                               detections.classes, num_classes, step=step)
+
+
 def detect_folder(job: core.Job, detector, args: argparse.Namespace, categories: list[dict] | None = None) -> int:
     """Detect, write and evaluate every file of ``job`` with ``detector`` (anything with
     ``detect(image) -> Detections``); returns the exit code (0, or 1 on failures). ``categories`` (COCO
@@ -403,11 +474,11 @@ def detect_folder(job: core.Job, detector, args: argparse.Namespace, categories:
     def handle(path: Path, image: np.ndarray) -> None:
         height, width = image.shape[:2]
         detections = detector.detect(image)
-        labels = instance_labels(detections, height, width)
-        write_instance_labels(output / f"{path.stem}.{args.output_format}", labels)
-        if args.save_overlay:
-            write_instance_overlay(output / "overlays" / f"{path.stem}.png", image, labels, detections.classes,
-                                   run.num_classes)
+        if getattr(image, "tile_wise", False) and evaluator is None:
+            _write_slide_labels(path, image, detections, output, args, run.num_classes)
+            labels = None
+        else:
+            labels = _write_labels(path, image, detections, output, args, run.num_classes)
         image_id = image_ids[path]
         rles = detections.rles(height, width)
         images.append({"id": image_id, "file_name": path.name, "height": height, "width": width})

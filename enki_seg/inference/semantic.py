@@ -39,7 +39,10 @@ are cut from it (reflection by index, no padded copy), normalized into one float
 (``--batch_size`` tiles) while the model runs the previous one, and only the running label image
 (uint8 for < 256 classes) is kept for the whole image. Logits of all classes are never materialized
 for a whole image; probabilities go, tile by tile, into a memory-mapped float16 TIFF whose written
-pages are flushed and dropped from memory after each row of tiles. A 10,000 x 10,000 uint16 image
+pages are flushed and dropped from memory after each row of tiles. Images read by region (whole
+slides) never hold their label image: the outputs of each row of tiles go as one band into
+tiled, compressed, pyramidal OME-TIFFs (``enki_seg.inference.pyramid``), and the overlay preview and
+the metrics are taken band by band. A 10,000 x 10,000 uint16 image
 with every output on peaks at 1.3 GB RSS on a CPU (``bench/inference_bench.py``). Overlays of images
 larger than 2048 px a side are subsampled by an integer step (a preview; masks keep full
 resolution). Evaluation counts pixels in row chunks.
@@ -59,7 +62,7 @@ from enki_seg.evaluation import metrics as seg_metrics
 from enki_seg.evaluation.semantic_evaluation import Evaluation
 from enki_seg import files
 from enki_seg.files import atomic_path
-from enki_seg.inference import core
+from enki_seg.inference import core, pyramid
 
 logger = logging.getLogger("inference")
 
@@ -147,11 +150,13 @@ class Segmenter:
                 def call(images):
                     # tf.argmax as in the trainer's test step: identical tie-breaking
                     return (tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32),)
-            else:  # labels + probabilities
+            else:  # labels + probabilities (float16; "labels+probabilities32": float32)
+                dtype = tf.float32 if kind.endswith("32") else tf.float16
+
                 def call(images):
                     logits = model(images, training=False)
                     return (tf.argmax(logits, axis=-1, output_type=tf.int32),
-                            tf.cast(tf.nn.softmax(logits, axis=-1), tf.float16))
+                            tf.cast(tf.nn.softmax(logits, axis=-1), dtype))
             self._functions[kind] = tf.function(call, input_signature=spec)
         return self._functions[kind]
 
@@ -218,12 +223,16 @@ class Segmenter:
     def segment(self, image: np.ndarray, probabilities: np.ndarray | None = None, progress=None) -> np.ndarray:
         """Label image of an (H, W, C) image -> (H, W) ``label_dtype`` (uint8 for < 256 classes).
 
-        ``probabilities``, when given, is a (K, H, W) float16 array (e.g. a memory-mapped TIFF) that
-        receives the softmax of every kept pixel; a ``np.memmap`` is flushed and its pages dropped
-        from memory after each row of tiles. ``progress`` gets ``update(n)`` per batch of n tiles.
+        ``probabilities``, when given, is a (K, H, W) float16 array (or float32, uint8:
+        :func:`scale_probabilities`; e.g. a memory-mapped TIFF) that receives the softmax of every kept
+        pixel; a ``np.memmap`` is flushed and its pages dropped from memory after each row of tiles.
+        ``progress`` gets ``update(n)`` per batch of n tiles.
         """
         labels = np.zeros(image.shape[:2], self.label_dtype)
-        kind = "labels" if probabilities is None else "labels+probabilities"
+        if probabilities is None:
+            kind = "labels"
+        else:
+            kind = "labels+probabilities" + ("" if probabilities.dtype == np.float16 else "32")
         row = None
         for tile, where, outputs in self._run(image, kind, progress):
             labels[where] = outputs[0]
@@ -231,10 +240,40 @@ class Segmenter:
                 if row is not None and tile.y != row:
                     _release_pages(probabilities)
                 row = tile.y
-                probabilities[(slice(None), *where)] = np.moveaxis(outputs[1], -1, 0)
+                scaled = scale_probabilities(outputs[1], probabilities.dtype)
+                probabilities[(slice(None), *where)] = np.moveaxis(scaled, -1, 0)
         if probabilities is not None:
             _release_pages(probabilities)
         return labels
+
+    def bands(self, image, probability_dtype=None, progress=None):
+        """Yield (y, (h, W) labels, (h, W, K) probabilities or None) for each row of tiles, top to bottom.
+
+        The stitched outputs of a whole slide one row band at a time (the rows the band's tiles keep),
+        never the whole label image. ``probability_dtype``: None (no probabilities), float16, float32
+        or uint8 (the softmax scaled to 0..255, :func:`scale_probabilities`).
+        """
+        height, width = image.shape[:2]
+        if probability_dtype is None:
+            kind = "labels"
+        else:
+            probability_dtype = np.dtype(probability_dtype)
+            kind = "labels+probabilities" + ("" if probability_dtype == np.float16 else "32")
+        band = None  # (rows slice, labels, probabilities)
+        for tile, (rows, cols), outputs in self._run(image, kind, progress):
+            if band is not None and band[0] != rows:
+                yield band[0].start, band[1], band[2]
+                band = None
+            if band is None:
+                h = rows.stop - rows.start
+                probabilities = (None if probability_dtype is None
+                                 else np.zeros((h, width, self.num_classes), probability_dtype))
+                band = (rows, np.zeros((h, width), self.label_dtype), probabilities)
+            band[1][:, cols] = outputs[0]
+            if band[2] is not None:
+                band[2][:, cols] = scale_probabilities(outputs[1], probability_dtype)
+        if band is not None:
+            yield band[0].start, band[1], band[2]
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Stitched (H, W, K) float32 softmax of an (H, W, C) image (H*W*K*4 bytes)."""
@@ -265,13 +304,27 @@ def probe_tolerance(reference: np.ndarray, repeat: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- probabilities
 
+#: ``--probability_dtype`` choices: float16 (half the size; Fiji/Bio-Formats cannot open float16 TIFFs),
+#: float32 (Fiji-readable) and uint8 (the softmax x 255, rounded: a quarter of float32, Fiji-readable).
+PROBABILITY_DTYPES = ("float16", "float32", "uint8")
 
-def open_probabilities(path: Path, num_classes: int, height: int, width: int) -> np.memmap:
-    """A (K, H, W) float16 memory-mapped TIFF at ``path`` (one page per class; BigTIFF when large)."""
+
+def scale_probabilities(probabilities: np.ndarray, dtype) -> np.ndarray:
+    """Softmax values in ``dtype``: float16/float32 as they are, uint8 as round(255 p)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return np.rint(probabilities.astype(np.float32) * 255).astype(np.uint8)
+    return probabilities.astype(dtype, copy=False)
+
+
+
+def open_probabilities(path: Path, num_classes: int, height: int, width: int, dtype="float16") -> np.memmap:
+    """A (K, H, W) ``dtype`` memory-mapped TIFF at ``path`` (one page per class; BigTIFF when large)."""
     import tifffile
 
-    nbytes = num_classes * height * width * 2
-    array = tifffile.memmap(path, shape=(num_classes, height, width), dtype=np.float16,
+    dtype = np.dtype(dtype)
+    nbytes = num_classes * height * width * dtype.itemsize
+    array = tifffile.memmap(path, shape=(num_classes, height, width), dtype=dtype,
                             photometric="minisblack", bigtiff=nbytes > core.BIGTIFF_BYTES, metadata={"axes": "CYX"})
     files.reserve(path)  # a full disk: ENOSPC here, not SIGBUS when a page of the map is written
     return array
@@ -321,12 +374,16 @@ def segment_folder(job: core.Job, segmenter: Segmenter, args: argparse.Namespace
 
 def _segment_one(path: Path, image: np.ndarray, segmenter: Segmenter, args, output: Path,
                  evaluation: Evaluation | None, masks: dict[str, Path] | None, unmatched: list[str]) -> None:
+    if getattr(image, "tile_wise", False):
+        return _segment_slide(path, image, segmenter, args, output, evaluation, masks, unmatched)
     height, width = image.shape[:2]
     tiles = len(segmenter.plan(height, width))
+    probability_dtype = getattr(args, "probability_dtype", "float16")
     probability_file = (atomic_path(output / "probabilities" / f"{path.stem}.tif") if args.save_probabilities
                         else nullcontext())
     with probability_file as tmp:
-        probabilities = None if tmp is None else open_probabilities(tmp, segmenter.num_classes, height, width)
+        probabilities = None if tmp is None else open_probabilities(tmp, segmenter.num_classes, height, width,
+                                                                    probability_dtype)
         with core.progress_bar(tiles, "tile", leave=False, desc=path.name) if tiles > 16 else nullcontext() as bar:
             labels = segmenter.segment(image, probabilities=probabilities, progress=bar)
         del probabilities  # flushed by segment; the memory map closes before the file is renamed
@@ -343,3 +400,77 @@ def _segment_one(path: Path, image: np.ndarray, segmenter: Segmenter, args, outp
             evaluation.add(path.name, truth, labels)
         except ValueError as exc:
             raise image_io.InputError(f"{path}: mask {mask_path}: {exc}") from None
+
+
+def _segment_slide(path: Path, source: image_io.ImageSource, segmenter: Segmenter, args, output: Path,
+                   evaluation: Evaluation | None, masks: dict[str, Path] | None, unmatched: list[str]) -> None:
+    """A slide read by region: outputs streamed row band by row band into pyramidal OME-TIFFs.
+
+    ``OUT/NAME.tif``: the labels, tiled, zlib-compressed, with lower resolutions as SubIFDs
+    (``enki_seg.inference.pyramid``); ``OUT/probabilities/NAME.tif`` likewise, (K, H, W) in
+    ``--probability_dtype``, levels by 2 x 2 mean. The overlay preview and the evaluation (against
+    a mask read by region when it is a tiled TIFF) are taken band by band: the whole label image is
+    never held.
+    """
+    height, width = source.shape[:2]
+    tiles = len(segmenter.plan(height, width))
+    if args.output_format != "tif":
+        logger.warning("%s is read by region: its labels are written as a pyramidal OME-TIFF %s.tif, not %s",
+                       path.name, path.stem, args.output_format)
+    step = max(1, -(-max(height, width) // core.OVERLAY_MAX_SIDE))
+    preview: list[np.ndarray] = []
+    truth = mask_path = accumulator = None
+    if evaluation is not None:
+        mask_path = masks.get(path.stem)
+        if mask_path is None:
+            unmatched.append(path.name)
+        else:
+            truth = image_io.open_labels(mask_path, "mask")
+            if truth.shape[:2] != (height, width):
+                shape = truth.shape
+                _close(truth)
+                raise image_io.InputError(f"{path}: mask {mask_path}: mask is {shape[0]}x{shape[1]} but the image "
+                                          f"is {height}x{width}")
+            accumulator = seg_metrics.ConfusionAccumulator(segmenter.num_classes, class_names=evaluation.class_names)
+    probability_dtype = np.dtype(getattr(args, "probability_dtype", "float16")) if args.save_probabilities else None
+    if probability_dtype == np.float16:  # OME-XML has no float16 pixel type
+        logger.info("%s: probabilities of a slide are written as float32 (OME-TIFF has no float16)", path.name)
+        probability_dtype = np.dtype(np.float32)
+    label_path = output / f"{path.stem}.tif"
+    probability_path = output / "probabilities" / f"{path.stem}.tif"
+    try:
+        with atomic_path(label_path) as label_tmp, \
+                (atomic_path(probability_path) if probability_dtype is not None else nullcontext()) as prob_tmp, \
+                pyramid.PyramidWriter(label_tmp, height, width, segmenter.label_dtype, "nearest") as labels_out, \
+                (pyramid.PyramidWriter(prob_tmp, height, width, probability_dtype, "mean", segmenter.num_classes)
+                 if prob_tmp is not None else nullcontext()) as probabilities_out, \
+                (core.progress_bar(tiles, "tile", leave=False, desc=path.name) if tiles > 16 else nullcontext()) as bar:
+            for y, labels, probabilities in segmenter.bands(source, probability_dtype, progress=bar):
+                labels_out.add(labels)
+                if probabilities_out is not None:
+                    probabilities_out.add(probabilities)
+                if args.save_overlay:
+                    first = -(-y // step) * step  # the first row of the global every-step-th grid in the band
+                    preview.append(labels[first - y :: step, ::step])
+                if accumulator is not None:
+                    region = truth[y : y + labels.shape[0]] if isinstance(truth, np.ndarray) else \
+                        truth.read_region(y, 0, labels.shape[0], width)
+                    try:
+                        accumulator.update(region, labels)
+                    except ValueError as exc:
+                        raise image_io.InputError(f"{path}: mask {mask_path}: {exc}") from None
+            labels_out.finish()
+            if probabilities_out is not None:
+                probabilities_out.finish()
+    finally:
+        _close(truth)
+    if args.save_overlay:
+        core.write_overlay(output / "overlays" / f"{path.stem}.png", source, np.concatenate(preview),
+                           segmenter.num_classes, step=step)
+    if accumulator is not None:
+        evaluation.add_accumulated(path.name, accumulator, height * width)
+
+
+def _close(labels) -> None:
+    if labels is not None and not isinstance(labels, np.ndarray):
+        labels.close()
