@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             nist = models.build_model("unet", input_channels=1, num_classes=2)
             precision[f"nist_{policy}"] = _loop(tf, nist, memory_full, 5, 2)
         keras.mixed_precision.set_global_policy("float32")
-        tiny_batch = {k: v[:2, :32, :32] for k, v in first.items()}
+        tiny_batch = {k: v[:2, :32, :32] if v.ndim >= 3 else v[:2] for k, v in first.items()}
         dispatch = {}
         for k in (1, 8):
             tf.keras.utils.set_random_seed(0)
