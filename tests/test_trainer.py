@@ -68,3 +68,15 @@ def test_trainer_state_keeps_the_interval_losses_and_reads_older_states(tmp_path
     path.write_text(json.dumps({"step": 10, "reader_position": 160, "history": []}))
     state = run_folder.TrainerState.load(path)
     assert state.step == 10 and state.interval_losses == [] and not hasattr(state, "reader_position")
+
+
+def test_settings_added_since_a_run_started_do_not_block_its_resume():
+    """A run checkpointed by an older version has no entry for settings added since; at their default
+    they are not a difference (a requeued job resumes after an upgrade), at another value they are."""
+    old = {"learning_rate": 0.001, "batch_size": 8}
+    defaults = {"learning_rate": 0.0001, "batch_size": 8, "crop_size": 0}
+    new = {"learning_rate": 0.001, "batch_size": 8, "crop_size": 0}
+    assert run_folder.config_differences(old, new, defaults=defaults) == []
+    assert run_folder.config_differences(old, {**new, "crop_size": 64}, defaults=defaults) == ["crop_size: None -> 64"]
+    assert run_folder.config_differences(old, new) == ["crop_size: None -> 0"]  # without defaults: a difference
+    assert run_folder.config_differences({**old, "crop_size": 32}, new, defaults=defaults) == ["crop_size: 32 -> 0"]

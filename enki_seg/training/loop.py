@@ -508,7 +508,8 @@ def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) ->
             _prefix_log_lines(f"[worker {cluster.worker_index}] ")
         folder = RunFolder(config.output_dir)
         if cluster.is_chief:
-            resume = folder.prepare(dataclasses.asdict(config), resume, RESUME_IGNORED)
+            resume = folder.prepare(dataclasses.asdict(config), resume, RESUME_IGNORED,
+                                    defaults=dataclasses.asdict(type(config)()))
             if resume:
                 check_resumed_data(folder, train_meta, test_meta)
             handler = log_to_file(folder)

@@ -51,10 +51,13 @@ class RunFolder:
         except RunConfigError as exc:
             raise TrainError(f"--output_dir {self.path}: {exc}") from None
 
-    def prepare(self, train_settings: dict, resume: bool, compare_ignore=()) -> bool:
+    def prepare(self, train_settings: dict, resume: bool, compare_ignore=(), defaults: dict | None = None) -> bool:
         """Create or check the folder; returns True when the run resumes from a checkpoint.
 
-        train_settings: the run's config dataclass as a dict, compared with config.json's ``train``."""
+        train_settings: the run's config dataclass as a dict, compared with config.json's ``train``;
+        defaults: the config class's defaults, so that a setting added to the code after the run
+        started (absent from its config.json) counts as unchanged while it keeps its default (a
+        preempted job requeued after an upgrade resumes)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -63,7 +66,8 @@ class RunFolder:
             raise TrainError(f"--output_dir {self.path} is not writable")
         remove_leftovers(self.path)  # temporary files of a run killed while writing
         if self.has_checkpoint():
-            diffs = config_differences(self.saved_sections().get("train", {}), train_settings, ignore=compare_ignore)
+            diffs = config_differences(self.saved_sections().get("train", {}), train_settings, ignore=compare_ignore,
+                                       defaults=defaults)
             if diffs and not resume:
                 raise TrainError(
                     f"--output_dir {self.path} holds a different run ({'; '.join(diffs[:4])}); pass "
@@ -83,11 +87,14 @@ class RunFolder:
         return False
 
 
-def config_differences(old: dict, new: dict, ignore=()) -> list[str]:
-    """``"key: old -> new"`` for every setting that differs, except those in ``ignore``."""
+def config_differences(old: dict, new: dict, ignore=(), defaults: dict | None = None) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs, except those in ``ignore`` and settings
+    missing from ``old`` (added to the code since) whose new value is their default in ``defaults``."""
+    defaults = defaults or {}
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if k not in ignore and old.get(k) != new.get(k)]
+            if k not in ignore and old.get(k) != new.get(k)
+            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
 
 def check_resumed_data(folder: RunFolder, train_meta, test_meta) -> None:
