@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enki_seg import exit_codes
+from enki_seg import cli, exit_codes
 from enki_seg.data import image_io, records
 from enki_seg.data.normalization import Normalization
 from enki_seg.data.tiling import Tile, read_window
@@ -141,6 +141,7 @@ def load_model(run: RunInfo, check_outputs: bool = True):
 
     ``check_outputs`` compares a segmenter's output channels with the run's class count.
     """
+    cli.import_tensorflow()  # first, so that its start-up notices are dropped (after cli.quiet_tensorflow)
     import models  # noqa: F401  (registers UNet / FCDenseNet / MaskRCNN for deserialization)
     import keras
 

@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from enki_seg import cli
 from enki_seg.training.errors import TrainError
 from enki_seg.training.slurm import tf_config_from_slurm
 
@@ -76,7 +77,7 @@ def native_bfloat16() -> tuple[bool, str]:
     """(True, why) when this machine computes bfloat16 natively: every visible GPU of compute
     capability >= 8.0 (Ampere, Hopper), or, without GPUs, a CPU with AMX-BF16 or AVX512-BF16 (oneDNN
     uses them; elsewhere bfloat16 is emulated and slower than float32). Call before the first op."""
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -109,7 +110,7 @@ def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: 
     Keras dtype policy name (``resolve_precision``): layers compute in it, variables, batch-norm
     statistics and the models' logits stay float32.
     """
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     if cpu_replicas > 1:
         cpus = tf.config.list_physical_devices("CPU")
