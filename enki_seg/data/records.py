@@ -523,8 +523,6 @@ class Database:
     def _environment(self):
         import os
 
-        import lmdb
-
         if self._env is None or self._pid != os.getpid():
             self._env = open_environment(self.path, max_readers=2048)
             self._pid = os.getpid()
