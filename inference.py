@@ -44,7 +44,7 @@ from pathlib import Path
 from enki_seg import cli, exit_codes
 from enki_seg.data import image_io
 from enki_seg.files import WriteError, remove_leftovers
-from enki_seg.inference import core, instance, semantic, watershed
+from enki_seg.inference import blocks, core, instance, semantic, watershed
 from enki_seg.inference.core import InferenceError
 
 logger = logging.getLogger("inference")
@@ -71,6 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the model in the precision it was trained in (run, default) or in float32")
     p.add_argument("--verbose", type=int, choices=(0, 1), default=0,
                    help="1 keeps TensorFlow's start-up and INFO lines (default 0: hidden)")
+    array = p.add_argument_group("one slide across many processes (a SLURM job array: launch/inference_array.sbatch)")
+    array.add_argument("--num_blocks", type=int,
+                       help="cut every image into N blocks of rows of tiles; with --block_index I segment block I only "
+                            "(stored in OUTPUT/.blocks/), with --assemble 1 write the outputs from all N blocks")
+    array.add_argument("--block_index", type=int, help="the block this process segments, 0..N-1")
+    array.add_argument("--assemble", type=int, choices=(0, 1), default=0,
+                       help="1: check that every block is stored and write the outputs (labels, probabilities, "
+                            "overlays, metrics) exactly as one process would; give the blocks' flags (no model run)")
     instances = p.add_argument_group("maskrcnn runs")
     instances.add_argument("--score_threshold", type=float, help="ignore detections scoring below it (default 0.5)")
     instances.add_argument("--overlap", type=int,
@@ -79,7 +87,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     instances.add_argument("--class_folder",
                            help="semantic masks matched by stem giving each --mask_folder instance its class "
                                 "(needed with more than one object class)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_blocks is not None and args.num_blocks < 1:
+        p.error(f"--num_blocks must be >= 1, got {args.num_blocks}")
+    if args.assemble and args.block_index is not None:
+        p.error("--assemble 1 writes the outputs of all blocks: drop --block_index")
+    if args.block_index is not None:
+        if args.num_blocks is None:
+            p.error("--block_index needs --num_blocks N")
+        if not 0 <= args.block_index < args.num_blocks:
+            p.error(f"--block_index must be in 0..{args.num_blocks - 1} for --num_blocks {args.num_blocks}, "
+                    f"got {args.block_index}")
+    elif args.num_blocks is not None and not args.assemble:
+        p.error(f"--num_blocks {args.num_blocks} needs --block_index I (0..{args.num_blocks - 1}) or --assemble 1")
+    return args
 
 
 def prepare(args: argparse.Namespace) -> core.Job:
@@ -135,6 +156,16 @@ def main(argv=None) -> int:
         logger.info("%d image(s) from %s; model %s (%s, %d classes, %d channel(s), %s normalization, %s)",
                     len(job.files), args.image_folder, run.model_path, run.model_name, run.num_classes,
                     run.channels, run.normalization.method, run.precision)
+        made_with = blocks.settings(run, args)
+        if args.assemble:
+            return assemble(job, args, made_with)
+        block = None if args.block_index is None else blocks.Blocks(args.num_blocks, args.block_index)
+        if block is not None:
+            logger.info("block %d of %d of every image (stored in %s)", block.index, block.count,
+                        job.output / blocks.FOLDER)
+            if blocks.all_finished(job, block, made_with):
+                logger.info("block %d of %d of every image is already done: nothing to do", block.index, block.count)
+                return exit_codes.OK
         if run.model_name == instance.MODEL_NAME:
             detector = instance.load_detector(run, args)
             logger.info("tiles of %d px, overlap %d px, %d tiles per batch, score threshold %.2f", detector.tile_size,
@@ -152,6 +183,9 @@ def main(argv=None) -> int:
         logger.error("%s", exc)
         return exit_codes.BAD_INPUT
     try:
+        if block is not None:
+            worker = (detector if run.model_name == instance.MODEL_NAME or run.instance_target else segmenter)
+            return blocks.run_block(job, worker, block, made_with)
         if run.model_name == instance.MODEL_NAME:
             return instance.detect_folder(job, detector, args)
         if run.instance_target:
@@ -160,6 +194,30 @@ def main(argv=None) -> int:
     except WriteError as exc:  # a full output disk: the half-written file is gone, the finished ones stay
         logger.error("%s; the outputs finished before it are complete", exc)
         return exit_codes.FAILED
+
+
+def assemble(job: core.Job, args: argparse.Namespace, made_with: dict) -> int:
+    """``--assemble 1``: the outputs of a single-process run, from the stored blocks (no model is loaded)."""
+    run = job.run
+    count, found = blocks.check_complete(job, made_with, args.num_blocks)  # InferenceError: nothing written
+    logger.info("assembling %d image(s) from %d block(s) each in %s", len(job.files), count, job.output / blocks.FOLDER)
+    try:
+        if run.model_name == instance.MODEL_NAME:
+            code = instance.detect_folder(job, blocks.AssembledDetector(run, job.output, found, "maskrcnn"), args)
+        elif run.instance_target:
+            code = instance.detect_folder(job, blocks.AssembledDetector(run, job.output, found, "boundary"), args,
+                                          categories=[{"id": 1, "name": "object"}])
+        else:
+            code = semantic.segment_folder(job, blocks.AssembledSegmenter(run, job.output, found), args)
+    except WriteError as exc:
+        logger.error("%s; the outputs finished before it are complete, the blocks are kept", exc)
+        return exit_codes.FAILED
+    if code == exit_codes.OK:
+        blocks.remove(job.output, job.files)
+    else:
+        logger.error("the blocks are kept in %s: fix the failures above and assemble again",
+                     job.output / blocks.FOLDER)
+    return code
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def throughput(run: Path, side: int, batch_size: int, repeats: int = 3) -> dict:
     image = synthetic_image(side, side, seed=1)[:, :, None]
     tiles = segmenter.plan(side, side)
     # the very batches segment() feeds the model, made beforehand: the model alone sees identical input
-    batches = [batch.copy() for _, batch in segmenter._normalized_batches(image, tiles)]
+    batches = [batch.copy() for _, _, batch in core.normalized_batches(
+        image, tiles, segmenter.normalization.for_image(image), segmenter.batch_size)]
     segmenter.segment(image)  # trace and warm up
     segmenter.predict_tiles(batches[0], "labels")
     tiled_best = model_best = float("inf")

@@ -161,29 +161,37 @@ def load_model(run: RunInfo, check_outputs: bool = True):
 # ----------------------------------------------------------------------------- tiles
 
 
-def normalized_batches(image: np.ndarray, tiles: list[Tile], normalize, batch_size: int):
-    """Yield (tiles, (B, h, w, C) float32 batch) of ``image``, preparing the next batch while the caller runs one.
+def normalized_batches(image: np.ndarray, tiles: list[Tile], normalize, batch_size: int, wanted=None):
+    """Yield (start, tiles, (B, h, w, C) float32 batch) of ``image``, preparing the next batch while the caller runs one.
 
     ``normalize(raw_tile, out=float32 array)`` fills ``out`` (``Normalization.apply``): each tile is
     normalized on its own window, as the reader normalizes a record in training. All tiles of a
-    group must have one size (those of ``tiling.plan_tiles`` do).
+    group must have one size (those of ``tiling.plan_tiles`` do). ``start`` is the index in
+    ``tiles`` of the group's first tile. Groups are always ``tiles[k * batch_size : (k + 1) *
+    batch_size]``; with ``wanted`` (a set of tile indices) only the groups holding one of them are
+    prepared, so a part of a plan (a block of ``--num_blocks``) goes through the model in exactly the
+    batches a run over the whole plan uses (kernels may round differently in another batch).
     """
-    groups = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    starts = [i for i in range(0, len(tiles), batch_size)
+              if wanted is None or any(j in wanted for j in range(i, min(i + batch_size, len(tiles))))]
 
-    def prepare(group):
+    def prepare(start):
+        group = tiles[start : start + batch_size]
         batch = np.empty((len(group), group[0].height, group[0].width, image.shape[2]), np.float32)
         for j, tile in enumerate(group):
             # the reader's exact operation on a record: copy the raw tile to float32, normalize
             normalize(read_window(image, tile.y, tile.x, tile.height, tile.width), out=batch[j])
         return batch
 
+    if not starts:
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="tiles") as pool:
-        pending = pool.submit(prepare, groups[0])
-        for i, group in enumerate(groups):
+        pending = pool.submit(prepare, starts[0])
+        for i, start in enumerate(starts):
             batch = pending.result()
-            if i + 1 < len(groups):
-                pending = pool.submit(prepare, groups[i + 1])
-            yield group, batch
+            if i + 1 < len(starts):
+                pending = pool.submit(prepare, starts[i + 1])
+            yield start, tiles[start : start + batch_size], batch
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -226,23 +226,30 @@ class Detector:
         padded_h, padded_w = tiling.padded_size(height, width, self.size_multiple)
         return tiling.plan_tiles(padded_h, padded_w, self.tile_size, self.margin, self.size_multiple)
 
+    def for_image(self, path: Path) -> "Detector":
+        """The detector of the image at ``path``: this one (``blocks.AssembledDetector`` answers per image)."""
+        return self
+
     def detect(self, image: np.ndarray, progress=None) -> Detections:
         """Instances of an (H, W, C) image, merged across tiles; ``progress`` gets ``update(n)`` per batch."""
+        return merge(self.candidates(image, progress))
+
+    def candidates(self, image: np.ndarray, progress=None, wanted=None) -> _Candidates:
+        """The tiles' detections before merging (rules 1 and 2), in plan order; ``wanted``: only these tile indices."""
         height, width = image.shape[:2]
         tiles = self.plan(height, width)
         padded = tiling.padded_size(height, width, self.size_multiple)
         parts = []
-        index = 0
         # a Normalization with scope "image" takes the whole image's statistics for every tile
         normalize = self.normalize.for_image(image) if hasattr(self.normalize, "for_image") else self.normalize
-        for group, batch in core.normalized_batches(image, tiles, normalize, self.batch_size):
+        for start, group, batch in core.normalized_batches(image, tiles, normalize, self.batch_size, wanted):
             outputs = self.predict_fn(batch)
             for j, tile in enumerate(group):
-                parts.append(self._tile_candidates(outputs, j, tile, index, (height, width), padded))
-                index += 1
+                if wanted is None or start + j in wanted:
+                    parts.append(self._tile_candidates(outputs, j, tile, start + j, (height, width), padded))
             if progress is not None:
                 progress.update(len(group))
-        return merge(_Candidates.concatenate(parts))
+        return _Candidates.concatenate(parts)
 
     def _tile_candidates(self, outputs: dict, j: int, tile: Tile, index: int, shape, padded) -> _Candidates:
         """Rules 1 and 2 of the module docstring on the detections of batch entry ``j`` (``tile``)."""
@@ -473,7 +480,7 @@ def detect_folder(job: core.Job, detector, args: argparse.Namespace, categories:
 
     def handle(path: Path, image: np.ndarray) -> None:
         height, width = image.shape[:2]
-        detections = detector.detect(image)
+        detections = detector.for_image(path).detect(image)
         if getattr(image, "tile_wise", False) and evaluator is None:
             _write_slide_labels(path, image, detections, output, args, run.num_classes)
             labels = None

@@ -202,16 +202,22 @@ class Segmenter:
         padded_h, padded_w = tiling.padded_size(height, width, self.size_multiple)
         return tiling.plan_tiles(padded_h, padded_w, self.tile_size, self.margin, self.size_multiple)
 
-    def _run(self, image: np.ndarray, kind: str, progress=None):
-        """Yield (tile, kept outputs cropped to the image) for every tile of ``image``."""
+    def for_image(self, path: Path) -> "Segmenter":
+        """The segmenter of the image at ``path``: this one (``blocks.AssembledSegmenter`` answers per image)."""
+        return self
+
+    def _run(self, image: np.ndarray, kind: str, progress=None, wanted=None):
+        """Yield (tile, kept outputs cropped to the image) for every tile of ``image`` (or of the ``wanted`` indices)."""
         if image.ndim != 3 or image.shape[2] != self.channels:
             raise ValueError(f"image of shape {image.shape} does not have the model's {self.channels} channel(s)")
         height, width = image.shape[:2]
         tiles = self.plan(height, width)
         normalize = self.normalization.for_image(image)  # scope "image": the whole image's statistics
-        for group, batch in core.normalized_batches(image, tiles, normalize, self.batch_size):
+        for start, group, batch in core.normalized_batches(image, tiles, normalize, self.batch_size, wanted):
             outputs = self.predict_tiles(batch, kind)
             for j, tile in enumerate(group):
+                if wanted is not None and start + j not in wanted:
+                    continue
                 y1, x1 = min(tile.keep_y1, height), min(tile.keep_x1, width)
                 if y1 <= tile.keep_y0 or x1 <= tile.keep_x0:
                     continue  # a tile that only keeps padding
@@ -246,12 +252,13 @@ class Segmenter:
             _release_pages(probabilities)
         return labels
 
-    def bands(self, image, probability_dtype=None, progress=None):
+    def bands(self, image, probability_dtype=None, progress=None, wanted=None):
         """Yield (y, (h, W) labels, (h, W, K) probabilities or None) for each row of tiles, top to bottom.
 
         The stitched outputs of a whole slide one row band at a time (the rows the band's tiles keep),
         never the whole label image. ``probability_dtype``: None (no probabilities), float16, float32
-        or uint8 (the softmax scaled to 0..255, :func:`scale_probabilities`).
+        or uint8 (the softmax scaled to 0..255, :func:`scale_probabilities`). ``wanted``: only the
+        tiles of these plan indices (whole rows of tiles: a block of ``--num_blocks``).
         """
         height, width = image.shape[:2]
         if probability_dtype is None:
@@ -260,7 +267,7 @@ class Segmenter:
             probability_dtype = np.dtype(probability_dtype)
             kind = "labels+probabilities" + ("" if probability_dtype == np.float16 else "32")
         band = None  # (rows slice, labels, probabilities)
-        for tile, (rows, cols), outputs in self._run(image, kind, progress):
+        for tile, (rows, cols), outputs in self._run(image, kind, progress, wanted):
             if band is not None and band[0] != rows:
                 yield band[0].start, band[1], band[2]
                 band = None
@@ -374,6 +381,7 @@ def segment_folder(job: core.Job, segmenter: Segmenter, args: argparse.Namespace
 
 def _segment_one(path: Path, image: np.ndarray, segmenter: Segmenter, args, output: Path,
                  evaluation: Evaluation | None, masks: dict[str, Path] | None, unmatched: list[str]) -> None:
+    segmenter = segmenter.for_image(path)
     if getattr(image, "tile_wise", False):
         return _segment_slide(path, image, segmenter, args, output, evaluation, masks, unmatched)
     height, width = image.shape[:2]

@@ -90,6 +90,14 @@ def detections_from_labels(labels: np.ndarray, interior: np.ndarray) -> Detectio
                       offsets=np.asarray(offsets, np.int64).reshape(-1, 2)[order])
 
 
+def detections_from_probabilities(probabilities: np.ndarray, config: WatershedConfig = WatershedConfig()
+                                  ) -> Detections:
+    """Instances of stitched (H, W, 3) float32 probabilities: :func:`instances_from_probabilities`, then
+    :func:`detections_from_labels` (scored by the interior probability)."""
+    labels = instances_from_probabilities(probabilities, config)
+    return detections_from_labels(labels, probabilities[..., INTERIOR])
+
+
 class BoundaryDetector:
     """A boundary-target model ready for whole images, with the Mask R-CNN ``Detector``'s interface:
     the ``Segmenter`` tiles and stitches the probabilities, the seeded watershed makes instances."""
@@ -100,7 +108,9 @@ class BoundaryDetector:
                              f"{segmenter.num_classes}")
         self.segmenter, self.config = segmenter, config
 
+    def for_image(self, path) -> "BoundaryDetector":
+        """The detector of the image at ``path``: this one (``blocks.AssembledDetector`` answers per image)."""
+        return self
+
     def detect(self, image: np.ndarray) -> Detections:
-        probabilities = self.segmenter.probabilities(image)
-        labels = instances_from_probabilities(probabilities, self.config)
-        return detections_from_labels(labels, probabilities[..., INTERIOR])
+        return detections_from_probabilities(self.segmenter.probabilities(image), self.config)
