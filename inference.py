@@ -26,6 +26,11 @@ and its model name picks the path:
   several object classes) COCO box/mask AP in ``OUT/metrics.json``; ``--score_threshold`` and
   ``--overlap`` tune it.
 
+One slide across many processes (``enki_seg.inference.blocks``, ``launch/inference_array.sbatch``):
+``--num_blocks N --block_index I`` segments block I (whole rows of tiles) of every image into
+``OUT/.blocks/``; ``--assemble 1`` with the same flags checks that all N blocks are stored and writes the
+outputs above, equal to a single-process run's; finished blocks are skipped when a task is resubmitted.
+
 Files are written under a hidden temporary name and renamed when complete, so a killed run never
 leaves a mask that looks finished; leftovers of killed runs are removed at the next start.
 
