@@ -80,3 +80,46 @@ def test_settings_added_since_a_run_started_do_not_block_its_resume():
     assert run_folder.config_differences(old, {**new, "crop_size": 64}, defaults=defaults) == ["crop_size: None -> 64"]
     assert run_folder.config_differences(old, new) == ["crop_size: None -> 0"]  # without defaults: a difference
     assert run_folder.config_differences({**old, "crop_size": 32}, new, defaults=defaults) == ["crop_size: 32 -> 0"]
+
+
+def test_auto_precision_keeps_small_and_unmeasured_models_in_float32(monkeypatch):
+    """--precision auto (train_unet.py's default): bfloat16 only where native and the model gains
+    (measured: 64 base filters 1.99x, 16: 1.42x, 8: 0.70x); train_maskrcnn.py defaults to float32."""
+    from enki_seg.training.maskrcnn import MaskRCNNTrainConfig
+    from enki_seg.training.unet import TrainConfig, UNetTrainer
+
+    assert TrainConfig().precision == "auto" and MaskRCNNTrainConfig().precision == "float32"
+
+    def unsuited(**settings):
+        return UNetTrainer.bfloat16_unsuited(SimpleNamespace(config=TrainConfig(**settings),
+                                                             MIN_BFLOAT16_FILTERS=UNetTrainer.MIN_BFLOAT16_FILTERS))
+
+    assert unsuited(base_filters=64) is None and unsuited(base_filters=16) is None
+    assert "too small" in unsuited(base_filters=8)
+    assert "not measured for fc-densenet" in unsuited(model="fc-densenet")
+    monkeypatch.setattr(distribution, "native_bfloat16", lambda: (True, "CPU has amx_bf16"))
+    assert distribution.resolve_precision("auto") == ("mixed_bfloat16", "auto: CPU has amx_bf16")
+    policy, why = distribution.resolve_precision("auto", unsuited(base_filters=8))
+    assert policy == "float32" and "amx_bf16" in why and "too small" in why
+    assert distribution.resolve_precision("float32", None) == ("float32", "asked for")
+    monkeypatch.setattr(distribution, "native_bfloat16", lambda: (False, "CPU has neither"))
+    assert distribution.resolve_precision("auto")[0] == "float32"
+
+
+@pytest.mark.parametrize("started, requested, expected", [
+    ("float32", "auto", "float32"),                # started before auto was the default: resumes as it was
+    ("mixed_bfloat16", "auto", "mixed_bfloat16"),
+    ("auto", "auto", "auto"),                      # resolved again on this machine
+    ("float32", "mixed_bfloat16", "mixed_bfloat16"),  # asked for explicitly: a change the resume check reports
+])
+def test_resumed_run_keeps_its_precision_under_auto(started, requested, expected):
+    from enki_seg.training.loop import keep_precision
+
+    config = SimpleNamespace(precision=requested)
+    folder = SimpleNamespace(path="run", has_checkpoint=lambda: True,
+                             saved_sections=lambda: {"train": {"precision": started}})
+    keep_precision(folder, config)
+    assert config.precision == expected
+    fresh = SimpleNamespace(precision="auto")
+    keep_precision(SimpleNamespace(path="run", has_checkpoint=lambda: False, saved_sections=dict), fresh)
+    assert fresh.precision == "auto"

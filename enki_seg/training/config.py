@@ -128,9 +128,10 @@ def add_common_arguments(p: argparse.ArgumentParser, monitors: tuple[str, ...], 
                    help="training steps run inside one tf.function call (1); logging, test intervals, "
                         "checkpoints and stops still happen exactly where they would")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="float32 (default), mixed_float16 (loss-scaled; GPUs), mixed_bfloat16 (GPUs of compute "
+                   help="float32, mixed_float16 (loss-scaled; GPUs), mixed_bfloat16 (GPUs of compute "
                         "capability >= 8.0, CPUs with AMX/AVX512-BF16), or auto: mixed_bfloat16 where the hardware "
-                        "computes it natively, float32 elsewhere (logged)")
+                        "computes it natively and the model gains from it, float32 elsewhere (logged; a resumed run "
+                        "keeps its precision). Default: auto for train_unet.py, float32 for train_maskrcnn.py")
     p.add_argument("--max_steps", type=int)
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"))
     p.add_argument("--momentum", type=float)
@@ -188,7 +189,7 @@ def build_config(args: argparse.Namespace, config_class):
     except (ValueError, OSError) as exc:
         raise TrainError(f"augmentation settings: {exc}") from None
     if config.mixed_precision:
-        if config.precision not in ("float32", "mixed_float16"):
+        if config.precision not in ("float32", "mixed_float16", "auto"):
             raise TrainError(f"--mixed_precision 1 means --precision mixed_float16, but --precision is "
                              f"{config.precision}; give one of the two")
         config.precision = "mixed_float16"

@@ -93,12 +93,17 @@ def native_bfloat16() -> tuple[bool, str]:
     return bool(found), f"CPU {'has ' + ', '.join(found) if found else 'has neither amx_bf16 nor avx512_bf16'}"
 
 
-def resolve_precision(precision: str) -> tuple[str, str]:
-    """--precision -> (Keras policy name, why); "auto" picks mixed_bfloat16 only where it is native."""
+def resolve_precision(precision: str, unsuited: str | None = None) -> tuple[str, str]:
+    """--precision -> (Keras policy name, why); "auto" picks mixed_bfloat16 only where it is native and the
+    model gains from it (``unsuited``: why this model would not, e.g. too small: casts dominate)."""
     if precision != "auto":
         return precision, "asked for"
     native, why = native_bfloat16()
-    return ("mixed_bfloat16", f"auto: {why}") if native else ("float32", f"auto: {why}, so bfloat16 would be emulated")
+    if not native:
+        return "float32", f"auto: {why}, so bfloat16 would be emulated"
+    if unsuited:
+        return "float32", f"auto: {why}, but {unsuited}"
+    return "mixed_bfloat16", f"auto: {why}"
 
 
 def configure_devices(cpu_replicas: int = 0, deterministic: bool = False, seed: int = 0,

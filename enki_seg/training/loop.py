@@ -118,9 +118,13 @@ class Trainer:
 
     # -- setup
 
+    def bfloat16_unsuited(self) -> str | None:
+        """Why ``--precision auto`` should keep this model in float32 on hardware with native bfloat16 (None: it gains)."""
+        return None
+
     def setup(self):
         cfg = self.config
-        self.precision, why = resolve_precision(cfg.precision)
+        self.precision, why = resolve_precision(cfg.precision, self.bfloat16_unsuited())
         self.tf, self.strategy = make_strategy(self.cluster, cfg.cpu_replicas, cfg.deterministic, cfg.seed,
                                                self.precision)
         logger.info("precision %s (%s)", self.precision, why)
@@ -497,6 +501,21 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def keep_precision(folder: RunFolder, config: BaseTrainConfig) -> None:
+    """``--precision auto`` (the UNet default) on a run that has a checkpoint keeps the precision it was
+    started with: a run started in float32 before auto became the default resumes in float32, and is
+    not refused as a different run."""
+    if config.precision != "auto" or not folder.has_checkpoint():
+        return
+    try:
+        started = folder.saved_sections().get("train", {}).get("precision")
+    except TrainError:
+        return  # an unreadable config.json is reported by the folder check
+    if started and started != "auto":
+        logger.info("--precision auto: %s continues in %s, the precision it started with", folder.path, started)
+        config.precision = started
+
+
 def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) -> int:
     """The body of a trainer's main(): checks, run folder, config.json, run; exit codes as documented."""
     trainer = None
@@ -507,6 +526,7 @@ def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) ->
         if cluster.multi_worker:
             _prefix_log_lines(f"[worker {cluster.worker_index}] ")
         folder = RunFolder(config.output_dir)
+        keep_precision(folder, config)
         if cluster.is_chief:
             resume = folder.prepare(dataclasses.asdict(config), resume, RESUME_IGNORED,
                                     defaults=dataclasses.asdict(type(config)()))
