@@ -154,6 +154,56 @@ def test_build_by_region_equals_whole_read_and_never_reads_the_whole_slide(slide
             np.testing.assert_allclose(region_meta.source_stats[name]["std"], stats["std"], rtol=1e-12)
 
 
+def test_records_of_a_slide_are_written_as_they_are_made(slide, tmp_path, monkeypatch, region_reads):
+    """A source tiled by region never has all its records in memory: each goes to the LMDB writer as it
+    is encoded (a worker would hold a 40,000 px slide's ~10 GB of records and pickle them back)."""
+    from enki_seg.data import convert, writer
+
+    root, _ = slide
+    encoded, lags = [0], []
+    original_encode, original_put = records.encode_example, writer.LmdbWriter.put
+
+    def encode(*args, **kwargs):
+        encoded[0] += 1
+        return original_encode(*args, **kwargs)
+
+    def put(self, key, value):
+        if key != records.METADATA_KEY:
+            lags.append(encoded[0] - len(lags) - 1)  # records encoded but not yet handed to a writer
+        return original_put(self, key, value)
+
+    monkeypatch.setattr(convert.records, "encode_example", encode)
+    monkeypatch.setattr(writer.LmdbWriter, "put", put)
+    assert _build(root, tmp_path / "out") == 0
+    assert len(lags) == encoded[0] > 20 and max(lags) == 0
+
+
+def test_a_slide_failing_half_way_leaves_no_records(tmp_path):
+    """--skip_bad with a streamed source that fails after some records: those records are deleted."""
+    from enki_seg.data import build, writer
+
+    target = writer.LmdbWriter(tmp_path / "db", 1 << 20)
+    accumulator = writer.SplitAccumulator("train")
+    target.put(records.record_key(0), b"kept")
+    accumulator.sources.append(None)  # one record of an earlier source
+
+    def failing(source, options, emit):
+        emit(b"a")
+        emit(b"b")
+        raise image_io.InputError("slide.tif: tile 3 is corrupt")
+
+    original = build.convert_source
+    build.convert_source = failing
+    try:
+        assert build._convert_streaming(None, None, target, accumulator) == ("bad", "slide.tif: tile 3 is corrupt")
+    finally:
+        build.convert_source = original
+    target.flush()
+    with target.env.begin() as txn:
+        assert [key for key, _ in txn.cursor()] == [records.record_key(0)]
+    target.close()
+
+
 def test_mask_is_read_by_region_in_bands(slide, region_reads):
     root, _ = slide
     _, mask = _slide()

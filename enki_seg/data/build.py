@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from enki_seg import processes
 from enki_seg.data import records
-from enki_seg.data.convert import ConvertOptions, convert_task, parse_label_map
+from enki_seg.data.convert import ConvertOptions, convert_source, convert_task, parse_label_map
 from enki_seg.data.image_io import InputError
 from enki_seg.data.sources import Source, discover, split_sources
 from enki_seg.data.writer import MIN_MAP_SIZE, LmdbWriter, SplitAccumulator, write_manifest
@@ -412,7 +412,9 @@ def _write_all(config, options, splits, skipped, warnings, pool) -> None:
     binary_255: list[str] = []  # the first 0/255 mask, said once
     with tqdm(total=len(tasks), unit="image", desc="build_lmdb", disable=disable) as progress:
         results = map(convert_task, tasks) if pool is None else pool.imap(convert_task, tasks, chunksize=1)
-        for (status, payload), owner in zip(results, owners):
+        for (status, payload), owner, (source, _) in zip(results, owners, tasks):
+            if status == "region":  # a slide: converted here, its records written as they are made
+                status, payload = _convert_streaming(source, options, *splits[owner][1:])
             progress.update(1)
             if status == "bad":
                 if not config.skip_bad:
@@ -428,6 +430,24 @@ def _write_all(config, options, splits, skipped, warnings, pool) -> None:
                                "--label_map 255=1", payload.binary_255_mask)
             _, writer, acc = splits[owner]
             acc.add(payload, writer)
+
+
+def _convert_streaming(source, options, writer, acc) -> tuple[str, object]:
+    """Convert a source read by region, each record written to ``writer`` as it is made, under the keys
+    ``acc.add`` gives it next; ("ok", result) or ("bad", message) with its records deleted again."""
+    start = len(acc.sources)
+    written = 0
+
+    def emit(value: bytes) -> None:
+        nonlocal written
+        writer.put(records.record_key(start + written), value)
+        written += 1
+
+    try:
+        return "ok", convert_source(source, options, emit=emit)
+    except InputError as exc:
+        writer.delete([records.record_key(start + i) for i in range(written)])
+        return "bad", str(exc)
 
 
 def _summary(splits, final, seconds, warnings) -> dict:

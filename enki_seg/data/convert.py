@@ -57,9 +57,11 @@ class SourceResult:
     #: (N, 3) int64 (area, box height, box width) of the objects of the whole source image, None without
     #: instance labels (measured before tiling: objects cut by tile edges would look smaller)
     object_sizes: np.ndarray | None = None
+    #: the records went to ``emit`` as they were made (``values`` is empty): a source read by region
+    streamed: bool = False
 
 
-def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
+def convert_source(source: Source, options: ConvertOptions, emit=None) -> SourceResult:
     """Read, validate, tile and encode one source image.
 
     An image that ``image_io.open_image`` reads by region (a large tiled or striped TIFF, OME-Zarr) is
@@ -68,6 +70,10 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
     (``SourceStatsAccumulator``). Its semantic mask is read by region too when its format allows;
     instance labels and COCO polygons are made whole (objects are classed and measured over the whole
     image), with a log line saying so.
+
+    ``emit(value)``, when given, receives each encoded record as it is made instead of
+    ``result.values`` (``result.streamed``): a slide's records are then never all in memory (the
+    builder writes them to the LMDB at once; the tile bookkeeping, a few hundred bytes a record, stays).
     """
     with image_io.open_image(source.image) as opened:
         by_region = bool(options.use_tiling and opened.tile_wise)
@@ -75,11 +81,19 @@ def convert_source(source: Source, options: ConvertOptions) -> SourceResult:
             logger.info("%s is read whole: with --use_tiling 0 it becomes one record", source.image)
         image = opened if by_region else image_io.ArraySource(opened.read(), source.image)
         with ExitStack() as stack:
-            return _convert(source, options, image, by_region, stack)
+            return _convert(source, options, image, by_region, stack, emit)
+
+
+def read_by_region(source: Source, options: ConvertOptions) -> bool:
+    """True when :func:`convert_source` tiles ``source`` by region (a large tiled TIFF, OME-Zarr; --use_tiling 1)."""
+    if not options.use_tiling:
+        return False
+    with image_io.open_image(source.image) as opened:
+        return bool(opened.tile_wise)
 
 
 def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSource, by_region: bool,
-             stack: ExitStack) -> SourceResult:
+             stack: ExitStack, emit=None) -> SourceResult:
     warnings: list[str] = []
     height, width = image.shape[:2]
     semantic = instance = classes_by_id = None
@@ -174,12 +188,17 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
             if instance is not None:
                 tile_inst, tile_classes = _compact_instances(instance[y : y + tile_h, columns], classes_by_id)
             example = records.Example(tile_image, np.ascontiguousarray(tile_mask), tile_inst, tile_classes)
-            result.values.append(records.encode_example(example, options.compression))
+            value = records.encode_example(example, options.compression)
+            if emit is None:
+                result.values.append(value)
+            else:
+                emit(value)
             result.tiles.append(records.RecordSource(
                 image=source.image.name, mask=source.mask.name if source.mask else None,
                 instance=source.instance.name if source.instance else None,
                 y=y, x=x, height=tile_h, width=tile_w))
             result.class_pixels.append(_class_pixels(tile_mask))
+    result.streamed = emit is not None
     if by_region:
         moments = accumulator.moments
         result.stats = (moments.count, moments.mean, moments.m2, moments.min, moments.max)
@@ -187,10 +206,14 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
     return result
 
 
-def convert_task(task: tuple[Source, ConvertOptions]) -> tuple[str, SourceResult | str]:
-    """Worker-pool entry point: ("ok", result) or ("bad", message), so the parent decides what to do."""
+def convert_task(task: tuple[Source, ConvertOptions]) -> tuple[str, SourceResult | str | None]:
+    """Worker-pool entry point: ("ok", result) or ("bad", message), so the parent decides what to do;
+    ("region", None) for a source tiled by region, which the parent converts itself, writing each
+    record as it is made (a worker would hold all of a slide's records and pickle them back)."""
     source, options = task
     try:
+        if read_by_region(source, options):
+            return "region", None
         return "ok", convert_source(source, options)
     except InputError as exc:
         return "bad", str(exc)

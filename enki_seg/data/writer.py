@@ -60,6 +60,18 @@ class LmdbWriter:
         self._pending = []
         self._pending_bytes = 0
 
+    def delete(self, keys: list[bytes]) -> None:
+        """Remove records put earlier (a streamed source that failed half way, skipped with --skip_bad)."""
+        if not keys:
+            return
+        self.flush()
+        try:
+            with self.env.begin(write=True) as txn:
+                for key in keys:
+                    txn.delete(key)
+        except lmdb.Error as exc:
+            raise WriteError(write_failure(self.shown_as, exc, "--output_folder")) from None
+
     def close(self) -> None:
         if self.env is not None:
             env, self.env = self.env, None
@@ -108,9 +120,11 @@ class SplitAccumulator:
             self.source_stats[result.tiles[0].image] = result.source_stats
         if result.object_sizes is not None:
             self.object_sizes.append(result.object_sizes)
-        for value, tile, pixels in zip(result.values, result.tiles, result.class_pixels):
+        values = [None] * len(result.tiles) if result.streamed else result.values
+        for value, tile, pixels in zip(values, result.tiles, result.class_pixels):
             index = len(self.sources)
-            writer.put(records.record_key(index), value)
+            if value is not None:  # a streamed source's records are written already, under these keys
+                writer.put(records.record_key(index), value)
             self.sources.append(tile)
             self.shapes.add((tile.height, tile.width))
             for class_id, count in pixels.items():
