@@ -189,11 +189,17 @@ def _rss_bytes(pid: int) -> int:
 def measured_run(command: list[str], log: Path, poll_s: float = 0.2) -> dict:
     """Run ``command`` (cwd: the repository); returns exit code, seconds and peak memory in GB:
     ``tree_peak_gb`` (largest sum of the resident sets of the process and its children, polled) and
-    ``maxrss_gb`` (``ru_maxrss`` of ``os.wait4``: the largest single process, page cache not counted)."""
+    ``maxrss_gb`` (``ru_maxrss`` of ``os.wait4``: the largest single process, page cache not counted).
+
+    The command is started by a small Python wrapper that waits for it and reports its ``ru_maxrss``:
+    a child forked from this process (large once TensorFlow is imported) counts this process's
+    resident pages until it execs, which inflated ``ru_maxrss`` to this process's size."""
     started = time.perf_counter()
     peak = [0]
+    maxrss_file = Path(str(log) + ".maxrss")
     with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(maxrss_file), *command], stdout=handle,
+                                   stderr=subprocess.STDOUT, cwd=ROOT)
         done = threading.Event()
 
         def poll():
@@ -207,8 +213,21 @@ def measured_run(command: list[str], log: Path, poll_s: float = 0.2) -> dict:
         done.set()
         watcher.join()
     process.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        maxrss_kb = int(maxrss_file.read_text())
+        maxrss_file.unlink()
+    except (OSError, ValueError):
+        maxrss_kb = usage.ru_maxrss
     return {"code": process.returncode, "seconds": time.perf_counter() - started,
-            "tree_peak_gb": peak[0] / 1e9, "maxrss_gb": usage.ru_maxrss * 1024 / 1e9}
+            "tree_peak_gb": peak[0] / 1e9, "maxrss_gb": maxrss_kb * 1024 / 1e9}
+
+
+#: Runs argv[2:] and writes its ru_maxrss (KB) to argv[1]; exits with its code (see measured_run).
+_WRAPPER = ("import os, subprocess, sys\n"
+            "child = subprocess.Popen(sys.argv[2:])\n"
+            "_, status, usage = os.wait4(child.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
 
 def _check(result: dict, log: Path, what: str) -> None:

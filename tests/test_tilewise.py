@@ -124,6 +124,21 @@ def test_open_image_reads_regions_of_a_tiled_tiff(slide, monkeypatch):
         assert not source.tile_wise
 
 
+def test_overlapping_rows_of_tiles_decode_each_chunk_row_once(slide, monkeypatch):
+    """Inference steps by less than a tile: each band overlaps the last; rows come in whole chunk rows
+    and the last ones are kept, so every row of the file is read once (not ~twice)."""
+    root, image = slide
+    monkeypatch.setattr(image_io, "REGION_READ_MIN_PIXELS", 0)
+    padded = np.pad(image, 48, mode="reflect")
+    with image_io.open_image(root / "images" / "slide0.tif") as source:
+        for y in range(-48, HEIGHT + 48 - 300, 208):  # 300-row windows at a 208-row stride, from the reflection
+            for x in (-48, 600):
+                np.testing.assert_array_equal(source.read_window(y, x, 300, 400)[..., 0],
+                                              padded[y + 48 : y + 348, x + 48 : x + 448])
+        heights = [h for _, _, h, _ in source.regions_read]
+        assert sum(heights) == HEIGHT and all(h % CHUNK == 0 and h <= 2 * CHUNK for h in heights)
+
+
 def test_build_by_region_equals_whole_read_and_never_reads_the_whole_slide(slide, tmp_path, monkeypatch,
                                                                            region_reads):
     root, _ = slide

@@ -294,6 +294,9 @@ class RegionSource(ImageSource):
             raise InputError(f"{path} has pixel type {raw}; supported are uint8, uint16, int32, float32 — convert it")
         self._raw_dtype = raw
         self._band = None  # (y, height, band) of the last read_window row band
+        self._rows_cache = None  # (first row, full-width rows) of whole chunk rows, for read_window
+        chunks = getattr(array, "chunks", None)
+        self._chunk_rows = int(chunks[self._y]) if chunks else 1
         self.regions_read: list[tuple[int, int, int, int]] = []  # (y, x, h, w) of every read (tests, logs)
 
     def _index(self, rows: slice, cols: slice):
@@ -337,7 +340,9 @@ class RegionSource(ImageSource):
 
         Windows of one row of tiles share a band: the in-bounds rows of the first are read at full width
         and kept, so a chunk (a strip spans the whole width) is decoded once per row of tiles, not per
-        tile. Memory: one band of ``height`` x W pixels.
+        tile. Rows are read in whole chunk rows and the last ones kept (:meth:`_rows`), so overlapping
+        rows of tiles (a model's stride is less than its tile) decode each chunk once. Memory: one band
+        of ``height`` x W pixels and up to two chunk rows.
         """
         from enki_seg.data.tiling import reflect_index
 
@@ -345,19 +350,34 @@ class RegionSource(ImageSource):
         if self._band is None or self._band[:2] != (y, height):
             ys = reflect_index(np.arange(y, y + height), rows)
             lo, hi = int(ys.min()), int(ys.max()) + 1
-            band = self.read_region(lo, 0, hi - lo, cols)
+            band = self._rows(lo, hi)
             self._band = (y, height, band if (lo == y and hi - lo == height) else band[ys - lo])
         band = self._band[2]
         if x >= 0 and x + width <= cols:
             return band[:, x : x + width]
         return band[:, reflect_index(np.arange(x, x + width), cols)]
 
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        """Full-width rows [lo, hi), read as whole chunk rows; those already read for the previous call are reused."""
+        chunk, total = self._chunk_rows, self.shape[0]
+        start, stop = lo // chunk * chunk, min(total, -(-hi // chunk) * chunk)
+        cached = self._rows_cache
+        if cached is not None and cached[0] <= start < cached[0] + len(cached[1]):
+            kept = cached[1][start - cached[0] : stop - cached[0]]
+            rest = start + len(kept)
+            block = kept if rest >= stop else np.concatenate([kept, self.read_region(rest, 0, stop - rest,
+                                                                                      self.shape[1])])
+        else:
+            block = self.read_region(start, 0, stop - start, self.shape[1])
+        self._rows_cache = (start, block)
+        return block[lo - start : hi - start]
+
     def subsample(self, step):
         rows = max(step, BAND_PIXELS // max(1, self.shape[1]) // step * step)
         return np.concatenate([band[::step, ::step] for _, band in self.row_bands(rows)], axis=0)
 
     def close(self):
-        self._band = None
+        self._band = self._rows_cache = None
         if self._closer is not None:
             self._closer()
             self._closer = None
