@@ -46,6 +46,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -269,6 +270,8 @@ class SharedSlots:
                 os.close(fd)
         self.path = path
         self.unlinked = False
+        self.offsets = offsets
+        self._owner_types: dict[int, type] = {}  # owned_view
         # np.frombuffer keeps the mapping exported while any view of it lives (np.ndarray(buffer=...)
         # does not): close() then cannot unmap memory a caller still reads (a segfault), it leaves the
         # unmapping to the last view's release
@@ -277,6 +280,24 @@ class SharedSlots:
                                 offsets[name]).reshape((num_slots, *shape))
             for name, (shape, dtype) in layout.items()
         }
+
+    def owned_view(self, name: str, slot: int, rows: int) -> tuple[np.ndarray, object]:
+        """``arrays[name][slot, :rows]`` as an array backed by a fresh owner object, and that owner.
+
+        Every array derived from the result (views, and whatever keeps it, such as a TensorFlow tensor
+        aliasing it) keeps the owner alive, so a weak reference to the owner tells when the rows are no
+        longer used anywhere (plain views of ``arrays`` all share one base and cannot tell that).
+        """
+        shape, dtype = self.layout[name]
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = row_items * np.dtype(dtype).itemsize
+        owner_type = self._owner_types.get(rows * row_bytes)
+        if owner_type is None:  # a ctypes array type per size: making one costs more than the rest
+            import ctypes
+
+            owner_type = self._owner_types[rows * row_bytes] = ctypes.c_char * (rows * row_bytes)
+        owner = owner_type.from_buffer(self._mmap, self.offsets[name] + slot * row_bytes * shape[0])
+        return np.frombuffer(owner, dtype, rows * row_items).reshape((rows, *shape[1:])), owner
 
     def unlink(self) -> None:
         if self.owner and not self.unlinked:
@@ -524,8 +545,9 @@ def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn,
         free = deque(range(worker_id * k, (worker_id + 1) * k))
         conn.send(("ready",))
         seq = worker_id
+        pending = _ready_check(conn)
         while True:
-            while conn.poll() or not free:
+            while pending() or not free:
                 message = conn.recv()
                 if message is None:
                     return
@@ -546,6 +568,16 @@ def _worker_main(worker_id: int, config: ReaderConfig, slots: SharedSlots, conn,
 
 
 # ----------------------------------------------------------------------------- the consumer
+
+
+def _ready_check(conn):
+    """A no-wait "does ``conn`` hold a message?" that is cheaper than ``conn.poll()`` (which builds a
+    selector per call)."""
+    if not hasattr(select, "poll"):
+        return conn.poll
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 def _tune_malloc() -> None:
@@ -631,6 +663,9 @@ class ImageReader:
         self.capacity = config.num_workers * config.slots_per_worker
         self._processes: list = []
         self._conns: list = []
+        self._poller = None  # select.poll over every pipe and worker sentinel (where available)
+        self._poll_fds: dict[int, tuple[bool, int]] = {}  # fd -> (is a pipe, worker)
+        self._pending: list = []  # per worker: does its pipe hold a message (no wait)
         self._slots: SharedSlots | None = None
         self._finalizer = None
         self._ready: dict[int, tuple[int, int, int]] = {}  # seq -> (worker, slot, rows)
@@ -686,6 +721,13 @@ class ImageReader:
                 if message[0] != "ready":
                     raise ReaderError(f"worker {worker_id} sent {message[0]!r} before 'ready'")
             self._slots.unlink()  # every worker has mapped it now
+            self._pending = [_ready_check(conn) for conn in self._conns]
+            if hasattr(select, "poll"):
+                self._poller = select.poll()
+                for worker, (conn, proc) in enumerate(zip(self._conns, self._processes)):
+                    for fd, is_pipe in ((conn.fileno(), True), (proc.sentinel, False)):
+                        self._poller.register(fd, select.POLLIN)
+                        self._poll_fds[fd] = (is_pipe, worker)
         except BaseException:
             self.close()
             raise
@@ -769,6 +811,17 @@ class ImageReader:
 
     def _pump(self, timeout: float) -> None:
         """Receive every pending message; raise ReaderError for failed or dead workers."""
+        if self._poller is not None:  # one poll(2) on fds registered once (no selector built per call)
+            pipes, dead = set(), set()
+            for fd, _ in self._poller.poll(1000.0 * timeout):
+                is_pipe, worker = self._poll_fds[fd]
+                (pipes if is_pipe else dead).add(worker)
+            for worker in sorted(pipes):
+                self._drain(worker)
+            for worker in sorted(dead):  # a sentinel is readable once its process has ended
+                self._drain(worker)  # an error message sent just before exiting comes first
+                raise ReaderError(self._death_message(worker, self._processes[worker]))
+            return
         waitables = list(self._conns) + [p.sentinel for p in self._processes]
         ready = connection.wait(waitables, timeout)
         for obj in ready:
@@ -782,8 +835,9 @@ class ImageReader:
 
     def _drain(self, worker: int) -> None:
         conn = self._conns[worker]
+        pending = self._pending[worker] if self._pending else conn.poll
         try:
-            while conn.poll():
+            while pending():
                 self._handle(worker, conn.recv())
         except (EOFError, OSError):
             pass
@@ -916,17 +970,103 @@ class ImageReader:
     def as_tf_dataset(self, prefetch: int = 1):
         """A ``tf.data.Dataset`` of batch dicts with a fixed signature.
 
-        In test mode one iteration of the dataset is one pass; in train mode it is endless. Batches
-        are copied out of the shared slots (TensorFlow may alias numpy memory, and the slot is
-        reused). Use it per input pipeline inside ``strategy.distribute_datasets_from_function``,
-        with ``shard_index``/``num_shards`` from the input context.
+        In test mode one iteration of the dataset is one pass; in train mode it is endless. Use it per
+        input pipeline inside ``strategy.distribute_datasets_from_function``, with
+        ``shard_index``/``num_shards`` from the input context.
+
+        Batches cost no copy where that is safe (``_Lender``): TensorFlow aliases the shared slot's
+        memory, and the slot goes back to its worker only once nothing refers to that memory any more;
+        otherwise (a consumer keeping many batches) a batch is copied into 64-byte-aligned memory, which
+        TensorFlow aliases instead of copying it a second time. Elements come from a ``numpy_function``
+        over a counter (less per-element machinery than ``from_generator``).
         """
         import tensorflow as tf
 
-        def generate():
-            _tune_malloc()
-            for batch in self:
-                yield {name: np.array(array) for name, array in batch.items()}
+        signature = self.output_signature()
+        names = list(signature)
+        lender = self._lender = _Lender(self, names)  # the latest one, for its statistics
+        test = self.config.mode == "test"
 
-        dataset = tf.data.Dataset.from_generator(generate, output_signature=self.output_signature())
+        def next_arrays(position):
+            if test and position == 0:
+                iter(self)  # a new iteration of the dataset is a new pass
+            return lender.next_arrays()
+
+        def element(position):
+            arrays = tf.numpy_function(next_arrays, [position], [signature[n].dtype for n in names],
+                                       stateful=True)
+            out = {}
+            for name, array in zip(names, arrays):
+                array.set_shape(signature[name].shape)
+                out[name] = array
+            return out
+
+        positions = tf.data.Dataset.range(self.plan.batches_per_pass) if test else tf.data.Dataset.counter()
+        dataset = positions.map(element)
         return dataset.prefetch(prefetch) if prefetch else dataset
+
+
+def _aligned_copy(array: np.ndarray, align: int = 64) -> np.ndarray:
+    """A copy of ``array`` starting on an ``align``-byte boundary (TensorFlow aliases such memory)."""
+    raw = np.empty(array.nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    out = raw[start: start + array.nbytes].view(array.dtype).reshape(array.shape)
+    np.copyto(out, array)
+    return out
+
+
+class _Lender:
+    """Hands batches to TensorFlow without copying them, while that cannot stall the reader.
+
+    A lent batch's slot stays out of its worker's hands until every array made from it is gone (a weak
+    reference to the arrays' owner, ``SharedSlots.owned_view``, tells). A worker keeps at least one
+    slot that is not lent, so it can always make its next batch even if the consumer keeps every
+    tensor forever: when lending would take that last slot, the batch is copied and its slot released
+    at once, as ``next_batch`` callers' slots are.
+    """
+
+    def __init__(self, reader: "ImageReader", names: list[str]):
+        self.reader = reader
+        self.names = names
+        self.lent: list[tuple[int, int, list]] = []  # (worker, slot, weak references to the owners)
+        self.lent_batches = 0  # statistics (tests)
+        self.copied_batches = 0
+        self._malloc_tuned = False
+
+    def _collect(self) -> None:
+        """Give back the slots of lent batches nothing refers to any more."""
+        reader, keep = self.reader, []
+        for worker, slot, owners in self.lent:
+            if any(owner() is not None for owner in owners):
+                keep.append((worker, slot, owners))
+                continue
+            try:
+                reader._conns[worker].send(slot)
+            except (OSError, ValueError, IndexError):
+                pass  # a dead or closed reader reports itself in next_batch
+        self.lent = keep
+
+    def next_arrays(self) -> list[np.ndarray]:
+        if not self._malloc_tuned:  # in the thread TensorFlow runs this in
+            _tune_malloc()
+            self._malloc_tuned = True
+        reader = self.reader
+        self._collect()
+        batch = reader.next_batch()
+        worker, slot = reader._held
+        rows = len(batch["index"])
+        lent_here = sum(1 for w, _, _ in self.lent if w == worker)
+        if rows and reader._slots is not None and lent_here < reader.config.slots_per_worker - 1:
+            reader._held = None  # ours now, until TensorFlow lets go of it
+            arrays, owners = [], []
+            for name in self.names:
+                array, owner = reader._slots.owned_view(name, slot, rows)
+                arrays.append(array)
+                owners.append(weakref.ref(owner))
+            self.lent.append((worker, slot, owners))
+            self.lent_batches += 1
+            return arrays
+        arrays = [_aligned_copy(batch[name]) for name in self.names]
+        reader._release_held()
+        self.copied_batches += 1
+        return arrays

@@ -51,6 +51,31 @@ def test_tf_dataset_matches_direct_reader(databases, tf):
                     np.testing.assert_array_equal(g[key], e[key])
 
 
+def test_tf_dataset_lends_slots_and_kept_batches_stay_intact(databases, tf):
+    # batches reach TensorFlow without a copy (the slot is lent until its tensors are gone); a consumer
+    # that keeps every tensor must still see each batch unchanged, and the reader must not stall
+    from imagereader import ImageReader, ReaderConfig
+
+    train, _ = databases
+    config = ReaderConfig(train, batch_size=2, num_workers=2, seed=3)
+    with ImageReader(config) as direct:
+        expected = [{k: v.copy() for k, v in direct.next_batch().items()} for _ in range(14)]
+    with ImageReader(config) as reader:
+        kept = list(reader.as_tf_dataset().take(14))  # more batches than slots, all kept
+        assert reader._lender.lent_batches >= 2 and reader._lender.copied_batches >= 1
+        for got, want in zip(kept, expected):
+            for key in want:
+                np.testing.assert_array_equal(got[key].numpy(), want[key])
+    with ImageReader(config) as reader:
+        iterator = iter(reader.as_tf_dataset())
+        for want in expected:
+            got = next(iterator)
+            np.testing.assert_array_equal(got["image"].numpy(), want["image"])
+        del got
+        lender = reader._lender
+        assert lender.lent_batches > lender.copied_batches, (lender.lent_batches, lender.copied_batches)
+
+
 MIRRORED_SCRIPT = """
 import sys
 import tensorflow as tf
