@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -169,7 +170,8 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
                           warnings, str(label_path) if looks_binary_255 else None,
                           object_sizes(instance) if instance is not None else None)
     counted = 0  # rows of the image in the statistics so far
-    for y, row in itertools.groupby(positions, key=lambda position: position[0]):
+
+    def read_band(y):
         band = image.read_region(y, 0, tile_h, width)  # one row of tiles; a view of a whole image
         if isinstance(semantic, image_io.LabelRegions):
             mask_band = semantic.read_region(y, 0, tile_h, width)
@@ -177,6 +179,18 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
                 mask_band = apply_label_map(mask_band, options.label_map)
         else:
             mask_band = semantic[y : y + tile_h]
+        return band, mask_band
+
+    rows = [(y, list(row)) for y, row in itertools.groupby(positions, key=lambda position: position[0])]
+    # by region, the next band is read (its chunks decoded) in a thread while this one is encoded
+    reader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="band")) if by_region else None
+    pending = reader.submit(read_band, rows[0][0]) if reader is not None else None
+    for i, (y, row) in enumerate(rows):
+        if reader is None:
+            band, mask_band = read_band(y)
+        else:
+            band, mask_band = pending.result()
+            pending = reader.submit(read_band, rows[i + 1][0]) if i + 1 < len(rows) else None
         if by_region and y + tile_h > counted:
             accumulator.add_rows(band[max(0, counted - y) :])
             counted = y + tile_h
