@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--work_dir", help="keep the split, databases, run and predictions here")
     p.add_argument("--normalization", default="zscore", help="the trainers' --normalization (zscore)")
     p.add_argument("--normalization_scope", default="tile", help="the trainers' --normalization_scope (tile)")
+    p.add_argument("--precision", help="the trainers' --precision (default: theirs; train_unet.py: auto)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -108,8 +109,11 @@ def main(argv=None) -> int:
             train = [py, "train_maskrcnn.py", *data_flags, "--number_classes", "2", "--preset", "small",
                      "--learning_rate", "1e-3", "--max_num_instances", "400",
                      "--warmup_steps", str(min(200, args.max_steps // 10))]
+        if args.precision:
+            train += ["--precision", args.precision]
         train_seconds = run(train, work / "train.log")
         summary = json.loads((work / "run" / "summary.json").read_text())
+        precision = json.loads((work / "run" / "config.json").read_text()).get("precision")
         run([py, "inference.py", "--model", str(work / "run"), "--image_folder", str(work / "validation" / "images"),
              "--output_folder", str(work / "predictions"), "--image_format", "png", "--mask_folder",
              str(work / "validation" / "masks"), "--tile_size", str(args.inference_tile_size)],
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
         "tile_size": args.tile_size,
         "batch_size": args.batch_size,
         "normalization": f"{args.normalization}/{args.normalization_scope}",
+        "precision": precision,
     }
     print(f"{args.method}: accuracy@0.5 {result['accuracy_iou50']:.3f}  @0.75 {result['accuracy_iou75']:.3f}  "
           f"DSB mean {result['dsb_mean']:.3f}  ({result['steps']} steps, {train_seconds / 60:.1f} min training, "
