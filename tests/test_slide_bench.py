@@ -10,21 +10,18 @@ from __future__ import annotations
 import sys
 import textwrap
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
 from bench import slide_bench
-from enki_seg.data import image_io
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 SIDE = 2048 + 300  # not a multiple of the 512-px tile: the edge tiles are cut
 TILE = 512
 BAND = TILE * SIDE  # one row of tiles
-_READ_IMAGE = image_io.read_image
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +37,9 @@ def slide(tmp_path_factory):
 @pytest.fixture
 def region_reads(monkeypatch):
     """Region reading for any size; every region read recorded; reading the slide whole fails."""
-    reads: list[tuple[str, int, int, int, int]] = []
-    monkeypatch.setattr(image_io, "REGION_READ_MIN_PIXELS", 0)
-    monkeypatch.setattr(image_io, "BAND_PIXELS", BAND)
-    original = image_io.RegionSource.read_region
+    from test_tilewise import record_region_reads
 
-    def read_region(self, y, x, height, width):
-        reads.append((Path(self.path).name, y, x, height, width))
-        return original(self, y, x, height, width)
-
-    def no_whole_read(path, *args, **kwargs):
-        if Path(path).name == "slide.tif":
-            raise AssertionError(f"{path} was read whole")
-        return _READ_IMAGE(path)
-
-    monkeypatch.setattr(image_io.RegionSource, "read_region", read_region)
-    monkeypatch.setattr(image_io, "read_image", no_whole_read)
-    monkeypatch.setattr(image_io, "read_labels", no_whole_read)
-    return reads
+    return record_region_reads(monkeypatch, BAND, lambda path: path.name != "slide.tif")
 
 
 def _largest_slide_read(reads) -> int:

@@ -68,13 +68,12 @@ _READ_IMAGE, _READ_LABELS = image_io.read_image, image_io.read_labels
 BAND = 256 * WIDTH
 
 
-@pytest.fixture
-def region_reads(monkeypatch):
-    """Region reading on for any size, full reads in bands of BAND pixels; records every region read;
-    reading a TIFF whole fails."""
+def record_region_reads(monkeypatch, band: int, may_read_whole) -> list[tuple[str, int, int, int, int]]:
+    """Region reading on for any size, full reads in bands of ``band`` pixels; returns the list every
+    region read is recorded in (name, y, x, h, w); reading a file whole fails unless ``may_read_whole(path)``."""
     reads: list[tuple[str, int, int, int, int]] = []
     monkeypatch.setattr(image_io, "REGION_READ_MIN_PIXELS", 0)
-    monkeypatch.setattr(image_io, "BAND_PIXELS", BAND)
+    monkeypatch.setattr(image_io, "BAND_PIXELS", band)
     original = image_io.RegionSource.read_region
 
     def read_region(self, y, x, height, width):
@@ -82,7 +81,7 @@ def region_reads(monkeypatch):
         return original(self, y, x, height, width)
 
     def no_whole_read(path, *args, **kwargs):
-        if Path(path).suffix == ".tif":
+        if not may_read_whole(Path(path)):
             raise AssertionError(f"{path} was read whole")
         return _READ_IMAGE(path)
 
@@ -90,6 +89,12 @@ def region_reads(monkeypatch):
     monkeypatch.setattr(image_io, "read_image", no_whole_read)
     monkeypatch.setattr(image_io, "read_labels", no_whole_read)
     return reads
+
+
+@pytest.fixture
+def region_reads(monkeypatch):
+    """Region reads recorded, in bands of BAND pixels; reading a TIFF whole fails."""
+    return record_region_reads(monkeypatch, BAND, lambda path: path.suffix != ".tif")
 
 
 def _largest_read(reads) -> int:
