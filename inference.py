@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probability_dtype", choices=("float16", "float32", "uint8"), default="float16",
                    help="probabilities as float16 (default; Fiji cannot open it), float32, or uint8 = round(255 p)")
     p.add_argument("--output_format", choices=("tif", "png"), default="tif", help="label mask format (tif)")
+    p.add_argument("--tta", choices=("none", "flips", "dihedral"), default="none",
+                   help="test-time augmentation of UNet/FC-DenseNet runs: average the softmax over the 4 mirrorings "
+                        "(flips) or the 8 symmetries (dihedral) of each tile: 4x/8x the model work (default none)")
     p.add_argument("--precision", choices=("run", "float32"), default="run",
                    help="run the model in the precision it was trained in (run, default) or in float32")
     p.add_argument("--verbose", type=int, choices=(0, 1), default=0,
@@ -114,6 +117,8 @@ def prepare(args: argparse.Namespace) -> core.Job:
     instances = run.model_name == instance.MODEL_NAME or bool(run.instance_target)
     if run.model_name == instance.MODEL_NAME:
         instance.check_arguments(run, args)
+        if args.tta != "none":
+            raise InferenceError(f"--tta is for UNet/FC-DenseNet runs; {run.folder} is a maskrcnn run — drop it")
     elif args.score_threshold is not None or args.overlap is not None or args.class_folder:
         raise InferenceError(f"--score_threshold, --overlap and --class_folder are for maskrcnn runs; "
                              f"{run.folder} is a {run.model_name} run — drop them")
@@ -177,9 +182,10 @@ def main(argv=None) -> int:
                         detector.overlap, detector.batch_size, detector.score_threshold)
         else:
             segmenter = semantic.Segmenter(run, tile_size=args.tile_size, batch_size=args.batch_size,
-                                           margin=args.margin)
-            logger.info("tiles of %d px, stride %d px, margin %d px, %d tiles per batch", segmenter.tile_size,
-                        segmenter.stride, segmenter.margin, segmenter.batch_size)
+                                           margin=args.margin, tta=args.tta)
+            logger.info("tiles of %d px, stride %d px, margin %d px, %d tiles per batch%s", segmenter.tile_size,
+                        segmenter.stride, segmenter.margin, segmenter.batch_size,
+                        "" if args.tta == "none" else f", test-time augmentation {args.tta}")
             if run.instance_target:
                 detector = watershed.BoundaryDetector(segmenter)
                 logger.info("instances from %s targets by seeded watershed (%s)", run.instance_target,

@@ -325,6 +325,51 @@ def test_probabilities_are_softmax_of_stitched_logits(segmenters):
     np.testing.assert_array_equal(labels, logits.argmax(-1))
 
 
+def _dihedral(array: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
+    """numpy's quarter turns and left-right mirror of (H, W, ...) ``array`` (TTA's forward transform)."""
+    out = np.rot90(array, turns, axes=(0, 1))
+    return out[:, ::-1] if mirrored else out
+
+
+@pytest.mark.parametrize("tta", ["flips", "dihedral"])
+def test_tta_averages_the_softmax_of_transformed_tiles_mapped_back(runs, tta):
+    """--tta: tiled inference equals, beyond the margin, the mean over the transforms of the model's softmax
+    on the transformed whole image, each mapped back (numpy's rotations and mirrors: an inverse mapped the
+    wrong way, or a transform missing, moves the result); and it differs from the plain model's output."""
+    info = core.load_run_info(runs["dataset"])
+    plain = semantic.Segmenter(info, tile_size=96, batch_size=4)
+    augmented = semantic.Segmenter(info, tile_size=96, batch_size=4, tta=tta)
+    assert augmented.margin == plain.margin  # measured on the model itself
+    image = _image(190, 236, seed=4)  # padded to 192 x 236
+    height, width = image.shape[:2]
+    padded_h, padded_w = tiling.padded_size(height, width, plain.size_multiple)
+    padded = np.pad(image, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="reflect")
+    normalized = plain.normalization.apply(padded)
+    transforms = semantic.TTA_TRANSFORMS[tta]
+    assert len(transforms) == {"flips": 4, "dihedral": 8}[tta] and len(set(transforms)) == len(transforms)
+    mean = 0.0
+    for turns, mirrored in transforms:
+        (logits,) = plain.predict_tiles(np.ascontiguousarray(_dihedral(normalized, turns, mirrored))[None])
+        p = np.exp(logits[0] - logits[0].max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        back = p[:, ::-1] if mirrored else p
+        mean = mean + np.rot90(back, -turns, axes=(0, 1))
+    expected = np.log(mean / len(transforms))[:height, :width]
+    tiled = augmented.logits(image)
+    assert len(augmented.plan(height, width)) > 4
+    _assert_same_prediction(tiled, expected)
+    np.testing.assert_array_equal(augmented.segment(image), tiled.argmax(-1))
+    probabilities = augmented.probabilities(image)
+    np.testing.assert_allclose(probabilities, np.exp(expected), atol=1e-3)  # float16 softmax
+    plain_probabilities = plain.probabilities(image)
+    assert np.abs(probabilities - plain_probabilities).max() > 1e-2  # the augmentation changes the output
+
+
+def test_tta_must_be_known(runs):
+    with pytest.raises(core.InferenceError, match="--tta must be one of"):
+        semantic.Segmenter(core.load_run_info(runs["dataset"]), tta="rotations")
+
+
 def test_one_tile_image_reproduces_the_trainers_test_prediction(runs, tmp_path):
     """A test-database record saved as an image file: inference == model on the reader's test batch."""
     import tensorflow as tf

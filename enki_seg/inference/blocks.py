@@ -107,6 +107,7 @@ def settings(run: core.RunInfo, args) -> dict:
         "tile_size": args.tile_size,
         "batch_size": args.batch_size,
         "margin": args.margin if kind != "maskrcnn" else None,
+        "tta": getattr(args, "tta", "none") if kind != "maskrcnn" else None,
         "overlap": args.overlap if kind == "maskrcnn" else None,
         "score_threshold": args.score_threshold if kind == "maskrcnn" else None,
         "probabilities": args.probability_dtype if kind == "semantic" and args.save_probabilities else None,
