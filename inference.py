@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "overlays, metrics) exactly as one process would; give the blocks' flags (no model run)")
     instances = p.add_argument_group("maskrcnn runs")
     instances.add_argument("--score_threshold", type=float, help="ignore detections scoring below it (default 0.5)")
+    instances.add_argument("--max_detections", type=int,
+                           help="detections per tile (default: the run's per training tile, scaled by the tile's area; "
+                                "proposals follow)")
     instances.add_argument("--overlap", type=int,
                            help="pixels shared by neighbouring tiles, at least the largest object (default: the run's "
                                 "recorded largest training object, else tile/4)")
@@ -119,8 +122,9 @@ def prepare(args: argparse.Namespace) -> core.Job:
         instance.check_arguments(run, args)
         if args.tta != "none":
             raise InferenceError(f"--tta is for UNet/FC-DenseNet runs; {run.folder} is a maskrcnn run — drop it")
-    elif args.score_threshold is not None or args.overlap is not None or args.class_folder:
-        raise InferenceError(f"--score_threshold, --overlap and --class_folder are for maskrcnn runs; "
+    elif (args.score_threshold is not None or args.overlap is not None or args.class_folder
+          or args.max_detections is not None):
+        raise InferenceError(f"--score_threshold, --overlap, --max_detections and --class_folder are for maskrcnn runs; "
                              f"{run.folder} is a {run.model_name} run — drop them")
     elif run.instance_target and args.save_probabilities:
         raise InferenceError(f"{run.folder} is an instance run (a {run.model_name} trained on "

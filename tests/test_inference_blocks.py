@@ -199,7 +199,7 @@ def test_maskrcnn_blocks_assemble_to_the_single_process_outputs(tmp_path, monkey
 
     from enki_seg.inference import instance
 
-    monkeypatch.setattr(instance, "model_functions", lambda run: (fake_predict, reference_paste))
+    monkeypatch.setattr(instance, "model_functions", lambda run, *caps: (fake_predict, reference_paste))
     image, truth = _discs(seed=4, count=120, size=700)
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()

@@ -242,7 +242,7 @@ def _maskrcnn_run(folder, num_classes=2, name="maskrcnn"):
 
 @pytest.fixture()
 def cli_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(instance_inference, "model_functions", lambda run: (fake_predict, reference_paste))
+    monkeypatch.setattr(instance_inference, "model_functions", lambda run, *caps: (fake_predict, reference_paste))
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()

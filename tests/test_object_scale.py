@@ -15,7 +15,8 @@ from enki_seg.inference.instance import default_overlap
 from enki_seg.run_config import ClassesSection, InputSection, ModelSection, RunConfig
 from enki_seg.training import loop
 from enki_seg.training.maskrcnn import MaskRCNNTrainConfig, MaskRCNNTrainer
-from enki_seg.training.object_scale import anchor_range, derive_anchor_scale, inference_overlap, plan_object_scale
+from enki_seg.training.object_scale import (CAP_FIELDS, anchor_range, derive_anchor_scale, detection_caps,
+                                            inference_overlap, objects_per_tile, plan_object_scale, scaled_caps)
 
 
 def two_objects(height=64, width=64):
@@ -60,6 +61,8 @@ def test_builder_measures_whole_source_objects(tmp_path):
         assert stats["count"] == 4  # two images, two objects each: not the pieces in the tiles
         assert stats["area"]["max"] == 800 and stats["area"]["p5"] == 9
         assert stats["box_side"]["max"] == 40 and stats["box_side"]["p5"] == 3  # 40 > the 32 px tile
+        # two objects on 64 x 64 pixels in every image: 488 per megapixel, not the tiles' counts
+        assert stats["per_megapixel"]["max"] == stats["per_megapixel"]["p5"] == pytest.approx(2e6 / 64**2)
 
 
 def test_semantic_database_has_no_object_stats(tmp_path):
@@ -163,3 +166,78 @@ def test_inference_uses_the_recorded_overlap(tmp_path, caplog):
     assert "recommends an overlap of 79 px" in caplog.text
     run.config.input.inference_overlap = None
     assert default_overlap(run, 128) is None
+
+
+# ----------------------------------------------------------------------------- crowding: caps per tile
+
+
+def crowded(per_megapixel_max):
+    return {**stats(4, 20), "per_megapixel": {"p50": per_megapixel_max / 3, "max": per_megapixel_max}}
+
+
+SMALL_PRESET_CAPS = {"test_detections_per_image": 100, "rpn_post_nms_topn_test": 256, "rpn_pre_nms_topn_test": 500}
+
+
+def test_caps_follow_the_densest_image_and_the_tile_area():
+    # 1,000 objects per megapixel (a 520x696 image with 362 nuclei): a 256 px tile may hold 2 x 65.5 = 132
+    assert objects_per_tile(crowded(1000), 256 * 256) == 132
+    assert objects_per_tile(crowded(1000), 512 * 512) == 525
+    assert objects_per_tile(stats(4, 20), 256 * 256) is None  # a database built before densities
+    caps = detection_caps(525, SMALL_PRESET_CAPS)  # the preset's ratios: 2.56 proposals per detection, 2 pre-NMS
+    assert caps == {"test_detections_per_image": 525, "rpn_post_nms_topn_test": 1344, "rpn_pre_nms_topn_test": 2688}
+    assert detection_caps(10, SMALL_PRESET_CAPS) == {**SMALL_PRESET_CAPS, "test_detections_per_image": 10}
+    # inference: the training tile's caps times the area ratio (never fewer), or --max_detections
+    assert scaled_caps(SMALL_PRESET_CAPS, 256, 512)["test_detections_per_image"] == 400
+    assert scaled_caps(SMALL_PRESET_CAPS, 256, 512)["rpn_post_nms_topn_test"] == 1024
+    assert scaled_caps(SMALL_PRESET_CAPS, 256, 128) == SMALL_PRESET_CAPS
+    assert scaled_caps(SMALL_PRESET_CAPS, None, 512) == SMALL_PRESET_CAPS
+    assert scaled_caps(SMALL_PRESET_CAPS, 256, 512, detections=50)["test_detections_per_image"] == 50
+
+
+def test_trainer_sizes_its_caps_from_the_crowding(tmp_path, caplog):
+    """max_num_instances and the test-time caps of the training tile follow the densest image; the user's
+    --max_num_instances / --maskrcnn caps win (with a warning when too few); old databases keep the preset's."""
+    config = MaskRCNNTrainConfig(train_database="train.lmdb", test_database="test.lmdb",
+                                 output_dir=str(tmp_path / "run"), number_classes=2)
+    with caplog.at_level(logging.INFO):
+        trainer = MaskRCNNTrainer(config, metadata(crowded(20000), tile=128), metadata({}), resume=False)
+    model = trainer.model_config()  # 2 x 20,000 per megapixel x 128**2 px = 656 objects per tile
+    assert trainer.object_scale.max_num_instances == model.max_num_instances == 656
+    assert trainer.reader_options == {"max_instances": 656}
+    assert (model.test_detections_per_image, model.rpn_post_nms_topn_test, model.rpn_pre_nms_topn_test) == (
+        656, 1680, 3360)
+    assert "up to 656 objects per 128 px training tile" in caplog.text
+    assert trainer.object_scale.to_dict()["detection_caps"]["test_detections_per_image"] == 656  # config.json
+    assert config.max_num_instances is None  # the train settings (compared on resume) are untouched
+
+    sparse = MaskRCNNTrainer(config, metadata(crowded(100), tile=128), metadata({}), False).model_config()
+    assert (sparse.max_num_instances, *(getattr(sparse, k) for k in CAP_FIELDS)) == (100, 100, 256, 500)
+    old = MaskRCNNTrainer(config, metadata(stats(4, 20), tile=128), metadata({}), False).model_config()
+    assert (old.max_num_instances, old.test_detections_per_image) == (100, 100)
+
+    config.max_num_instances, config.maskrcnn = 50, {"test_detections_per_image": 70}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        user = MaskRCNNTrainer(config, metadata(crowded(20000), tile=128), metadata({}), False)
+    assert user.model_config().max_num_instances == 50 and user.model_config().test_detections_per_image == 70
+    assert "--max_num_instances 50 is below the 656 objects" in caplog.text
+
+
+def test_inference_scales_the_models_caps_to_its_tile(tmp_path, monkeypatch):
+    """model_functions sets the loaded model's caps for the inference tile: 4x the training tile's area
+    holds 4x the objects (the cap of a 256 px training tile dropped most nuclei of crowded 512 px tiles)."""
+    import types
+
+    from enki_seg.inference import instance
+    from models.maskrcnn import MaskRCNNConfig
+
+    model = types.SimpleNamespace(config=MaskRCNNConfig.preset("small"))
+    monkeypatch.setattr(core, "load_model", lambda run, check_outputs=False: model)
+    run = core.RunInfo(folder=tmp_path, model_path=tmp_path / "model.keras", normalization=None,
+                       config=RunConfig(model=ModelSection("maskrcnn", {}, 16), classes=ClassesSection(2),
+                                        input=InputSection(channels=1, tile_size=256), normalization={}))
+    instance.model_functions(run, 512)
+    assert (model.config.test_detections_per_image, model.config.rpn_post_nms_topn_test) == (400, 1024)
+    model.config = MaskRCNNConfig.preset("small")
+    instance.model_functions(run, 512, max_detections=300)
+    assert model.config.test_detections_per_image == 300

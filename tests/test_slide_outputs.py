@@ -191,7 +191,7 @@ def test_slide_instance_labels_stream_into_a_pyramid(tmp_path, monkeypatch):
     import inference
     from enki_seg.inference import instance
 
-    monkeypatch.setattr(instance, "model_functions", lambda run: (fake_predict, reference_paste))
+    monkeypatch.setattr(instance, "model_functions", lambda run, *caps: (fake_predict, reference_paste))
     image, truth = _discs(seed=3, count=200, size=1100)
     (tmp_path / "slide").mkdir()
     (tmp_path / "small").mkdir()

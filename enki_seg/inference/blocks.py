@@ -110,6 +110,7 @@ def settings(run: core.RunInfo, args) -> dict:
         "tta": getattr(args, "tta", "none") if kind != "maskrcnn" else None,
         "overlap": args.overlap if kind == "maskrcnn" else None,
         "score_threshold": args.score_threshold if kind == "maskrcnn" else None,
+        "max_detections": getattr(args, "max_detections", None) if kind == "maskrcnn" else None,
         "probabilities": args.probability_dtype if kind == "semantic" and args.save_probabilities else None,
     }
 

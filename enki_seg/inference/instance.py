@@ -59,6 +59,7 @@ from enki_seg.evaluation import coco_ap, instance_matching
 from enki_seg.files import atomic_path, atomic_write_text
 from enki_seg.inference import core
 from enki_seg.inference.core import InferenceError
+from enki_seg.training import object_scale
 
 logger = logging.getLogger("inference")
 
@@ -356,13 +357,29 @@ def check_arguments(run: core.RunInfo, args: argparse.Namespace) -> None:
                              "instance its class")
 
 
-def model_functions(run: core.RunInfo):
-    """(predict_fn, paste_fn) of the run's model: a traced call returning numpy, and ``models.maskrcnn.paste_masks``."""
+def model_functions(run: core.RunInfo, tile: int | None = None, max_detections: int | None = None):
+    """(predict_fn, paste_fn) of the run's model: a traced call returning numpy, and ``models.maskrcnn.paste_masks``.
+
+    With ``tile``, the model's caps per tile (detections and proposals, set for its training tile) are
+    scaled to a ``tile`` px tile by area (:func:`object_scale.scaled_caps`), or set from
+    ``max_detections`` (``--max_detections``): a tile four times the training tile's area holds four
+    times the objects, and a cap of the training tile's would drop the rest of a crowded tile's."""
+    import dataclasses
+
     import tensorflow as tf
 
     from models.maskrcnn import paste_masks
 
     model = core.load_model(run, check_outputs=False)
+    if tile is not None:
+        trained = {k: getattr(model.config, k) for k in object_scale.CAP_FIELDS}
+        caps = object_scale.scaled_caps(trained, run.tile_size, tile, max_detections)
+        model.config = dataclasses.replace(model.config, **caps)
+        logger.info("at most %d detections from %d proposals per %d px tile (%s)", caps["test_detections_per_image"],
+                    caps["rpn_post_nms_topn_test"], tile,
+                    "--max_detections" if max_detections is not None else
+                    f"the run's {trained['test_detections_per_image']} per {run.tile_size} px training tile, "
+                    "scaled by area; --max_detections changes it")
     # no input signature: the model may need static tile sizes; reduce_retracing covers the last, smaller batch
     traced = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
 
@@ -394,7 +411,10 @@ def load_detector(run: core.RunInfo, args: argparse.Namespace) -> Detector:
     if tile is None:
         raise InferenceError(f"{run.folder / 'config.json'} records no tile size; pass --tile_size")
     overlap = args.overlap if args.overlap is not None else default_overlap(run, tile)
-    predict, paste = model_functions(run)
+    max_detections = getattr(args, "max_detections", None)
+    if max_detections is not None and max_detections < 1:
+        raise InferenceError(f"--max_detections must be >= 1, got {max_detections}")
+    predict, paste = model_functions(run, tile, max_detections)
     try:
         return Detector(predict, paste, run.normalization, tile, overlap=overlap,
                         batch_size=args.batch_size,

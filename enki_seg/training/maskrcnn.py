@@ -30,7 +30,8 @@ from enki_seg.training import loop
 from enki_seg.training.config import BaseTrainConfig, add_common_arguments
 from enki_seg.training.config import build_config as build_base_config
 from enki_seg.training.errors import TrainError
-from enki_seg.training.object_scale import ObjectScale, plan_object_scale
+from enki_seg.training.object_scale import (CAP_FIELDS, CROWDING_FACTOR, ObjectScale, detection_caps,
+                                            objects_per_tile, plan_object_scale)
 from enki_seg.visualize import overlay
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class MaskRCNNTrainConfig(BaseTrainConfig):
     monitor: str = "mask_ap"             # loss | mask_ap | box_ap | mask_ap50 | box_ap50
     preset: str = "small"                # small | resnet50 | resnet101
     maskrcnn: dict = field(default_factory=dict)  # overrides of MaskRCNNConfig fields
-    max_num_instances: int = 100         # objects per training tile beyond this are dropped (largest kept)
+    max_num_instances: int | None = None  # objects per training tile kept (largest first); None: from the data
     eval_score_threshold: float = 0.05   # COCO evaluation keeps detections above this score
     gradient_clip_norm: float = 10.0     # global norm; early RPN/ROI losses spike without it (0 = off)
 
@@ -55,7 +56,10 @@ class MaskRCNNTrainConfig(BaseTrainConfig):
         from models.maskrcnn import MaskRCNNConfig
 
         base = MaskRCNNConfig.preset(self.preset).to_dict()
-        return MaskRCNNConfig.from_dict({**base, **self.maskrcnn, "max_num_instances": self.max_num_instances})
+        values = {**base, **self.maskrcnn}
+        if self.max_num_instances is not None:
+            values["max_num_instances"] = self.max_num_instances
+        return MaskRCNNConfig.from_dict(values)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--maskrcnn", action="append", metavar="KEY=VALUE",
                    help="override one MaskRCNNConfig field, e.g. --maskrcnn rpn_batch_size_per_im=128")
     p.add_argument("--backbone_weights", help="local weights file for the ResNet backbone (default: from scratch)")
-    p.add_argument("--max_num_instances", type=int, help="objects per tile kept for training (100)")
+    p.add_argument("--max_num_instances", type=int,
+                   help="objects per training tile kept, largest first (default: from the data, at least 100)")
     p.add_argument("--eval_score_threshold", type=float, help="detections scored in COCO evaluation (0.05)")
     p.add_argument("--gradient_clip_norm", type=float, help="clip gradients to this global norm (10; 0 = off)")
 
@@ -86,7 +91,7 @@ def build_config(args: argparse.Namespace) -> MaskRCNNTrainConfig:
         raise TrainError(f"--monitor {config.monitor!r} must be one of {', '.join(MONITORS)}")
     if config.number_classes < 2:
         raise TrainError("--number_classes counts background too: use 2 for one object class")
-    if config.max_num_instances < 1:
+    if config.max_num_instances is not None and config.max_num_instances < 1:
         raise TrainError("--max_num_instances must be >= 1")
     try:
         config.model_config()
@@ -124,9 +129,36 @@ def object_scale_of(config: MaskRCNNTrainConfig, train_meta: records.DatasetMeta
     logger.info("anchor_scale %g (%s): anchors %g to %g px; default inference overlap %s", plan.anchor_scale,
                 plan.anchor_source, plan.smallest_anchor, plan.largest_anchor,
                 "unknown" if plan.inference_overlap is None else f"{plan.inference_overlap} px")
+    crowding(plan, config, model, tile)
     for warning in plan.warnings:
         logger.warning("%s", warning)
     return plan
+
+
+def crowding(plan: ObjectScale, config: MaskRCNNTrainConfig, model, tile: int | None) -> None:
+    """Objects per training tile from the data (``object_scale.objects_per_tile``): ``--max_num_instances``
+    when not given (at least the preset's 100), and the test-time caps (detections and proposals per
+    tile, ``detection_caps``) unless set in ``--maskrcnn``; recorded in ``plan`` and logged."""
+    expected = objects_per_tile(plan.object_stats, tile * tile) if tile else None
+    user = config.max_num_instances
+    plan.max_num_instances = user if user is not None else max(model.max_num_instances, expected or 0)
+    preset = {k: getattr(model, k) for k in CAP_FIELDS}
+    caps = detection_caps(max(model.test_detections_per_image, expected or 0), preset)
+    plan.detection_caps = {k: v for k, v in caps.items() if k not in config.maskrcnn}
+    density = plan.object_stats.get("per_megapixel", {}).get("max")
+    logger.info("%s objects per %s px training tile (%s): max_num_instances %d%s; per tile at test time at most "
+                "%d detections from %d proposals (inference scales them with the tile's area)",
+                "unknown" if expected is None else f"up to {expected}", tile or "?",
+                "the build records no densities" if density is None
+                else f"the densest training image has {density:.0f} objects per megapixel, x{CROWDING_FACTOR:g}",
+                plan.max_num_instances, " (--max_num_instances)" if user is not None else "",
+                model.test_detections_per_image if "test_detections_per_image" in config.maskrcnn
+                else caps["test_detections_per_image"],
+                model.rpn_post_nms_topn_test if "rpn_post_nms_topn_test" in config.maskrcnn
+                else caps["rpn_post_nms_topn_test"])
+    if user is not None and expected is not None and user < expected:
+        plan.warnings.append(f"--max_num_instances {user} is below the {expected} objects a crowded training tile "
+                             "may hold: the smallest objects of such tiles are not trained on")
 
 
 class MaskRCNNTrainer(loop.Trainer):
@@ -140,7 +172,9 @@ class MaskRCNNTrainer(loop.Trainer):
 
     def model_config(self):
         """The MaskRCNNConfig the model is built with: the run's, with the anchor scale of ``object_scale``."""
-        return dataclasses.replace(self.config.model_config(), anchor_scale=self.object_scale.anchor_scale)
+        plan = self.object_scale
+        return dataclasses.replace(self.config.model_config(), anchor_scale=plan.anchor_scale,
+                                   max_num_instances=plan.max_num_instances, **plan.detection_caps)
 
     def run_config(self):
         run = super().run_config()
@@ -150,7 +184,7 @@ class MaskRCNNTrainer(loop.Trainer):
 
     @property
     def reader_options(self) -> dict:
-        return {"max_instances": self.config.max_num_instances}
+        return {"max_instances": self.object_scale.max_num_instances}
 
     @staticmethod
     def check_databases(config):
@@ -181,7 +215,7 @@ class MaskRCNNTrainer(loop.Trainer):
         tf, model = self.tf, self.model
 
         # one trace for full and partial test batches alike (a Mask R-CNN graph takes seconds to trace)
-        meta, m = self.test_meta, self.config.max_num_instances
+        meta, m = self.test_meta, self.object_scale.max_num_instances
         height, width = self.example_shapes["test"]
         image = tf.TensorSpec((None, height, width, meta.channels), tf.float32)
         signature = [image, tf.TensorSpec((None, m, 4), tf.float32), tf.TensorSpec((None, m), tf.int32),

@@ -46,6 +46,8 @@ class ObjectScale:
     inference_overlap: int | None = None
     warnings: list[str] = field(default_factory=list)
     object_stats: dict = field(default_factory=dict)
+    max_num_instances: int | None = None  # objects per training tile kept (the trainer's crowding())
+    detection_caps: dict = field(default_factory=dict)  # test-time caps per training tile (CAP_FIELDS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,3 +117,47 @@ def plan_object_scale(object_stats: dict, min_level: int, max_level: int, num_sc
                             f"tile ({tile_size} px): tiles cut it; build the databases with a larger --tile_size")
         overlap = inference_overlap(large, tile_size, size_multiple)
     return ObjectScale(scale, source, smallest, largest, overlap, warnings, stats)
+
+
+# ----------------------------------------------------------------------------- caps per tile
+
+#: The MaskRCNNConfig fields that cap the objects found in one tile at test time.
+CAP_FIELDS = ("test_detections_per_image", "rpn_post_nms_topn_test", "rpn_pre_nms_topn_test")
+
+#: The densest training image's objects per pixel, times this, bounds the objects of a tile: objects
+#: cluster within an image (a tile of its crowded part holds more than the image's mean), and the
+#: pieces of objects cut by the tile's edges count in it too.
+CROWDING_FACTOR = 2.0
+
+
+def objects_per_tile(object_stats: dict, tile_area: int) -> int | None:
+    """The most objects a tile of ``tile_area`` pixels should be expected to hold: ``CROWDING_FACTOR`` x the
+    densest training image's objects per pixel x the area; None when the statistics predate densities."""
+    density = (object_stats or {}).get("per_megapixel", {}).get("max")
+    if density is None:
+        return None
+    return int(math.ceil(CROWDING_FACTOR * density * tile_area / 1e6))
+
+
+def detection_caps(detections: int, preset: dict) -> dict:
+    """``test_detections_per_image`` = ``detections`` and the proposal counts that keep the preset's ratios
+    (``rpn_post_nms_topn_test`` per detection, ``rpn_pre_nms_topn_test`` per proposal; at least 2 each)
+    when ``detections`` exceeds the preset's, else the preset's proposals. ``preset``: those three MaskRCNNConfig fields."""
+    base_detections = preset["test_detections_per_image"]
+    base_post, base_pre = preset["rpn_post_nms_topn_test"], preset["rpn_pre_nms_topn_test"]
+    post, pre = base_post, base_pre
+    if detections > base_detections:
+        post = max(base_post, int(math.ceil(detections * max(2.0, base_post / base_detections))))
+        pre = max(base_pre, int(math.ceil(post * max(2.0, base_pre / base_post))))
+    return {"test_detections_per_image": int(detections), "rpn_post_nms_topn_test": post,
+            "rpn_pre_nms_topn_test": pre}
+
+
+def scaled_caps(model_caps: dict, trained_tile: int | None, tile: int, detections: int | None = None) -> dict:
+    """The caps of an inference tile of ``tile`` px a side: ``detections`` when given (``--max_detections``),
+    else the model's ``test_detections_per_image`` (set for its training tile ``trained_tile``) times the
+    ratio of the tiles' areas, never fewer; proposals follow (:func:`detection_caps`)."""
+    if detections is None:
+        ratio = 1.0 if not trained_tile else max(1.0, (tile / trained_tile) ** 2)
+        detections = int(math.ceil(model_caps["test_detections_per_image"] * ratio))
+    return detection_caps(detections, model_caps)
