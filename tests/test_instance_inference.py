@@ -306,6 +306,9 @@ def test_cli_errors_exit_2(cli_folders, caplog):
         (["--model", str(run), "--margin", "8"], "use --overlap"),
         (["--model", str(three), "--mask_folder", str(masks)], "pass --class_folder"),
         (["--model", str(unet), "--score_threshold", "0.3"], "are for maskrcnn runs"),
+        (["--model", str(unet), "--max_detections", "300"], "are for maskrcnn runs"),
+        (["--model", str(run), "--tta", "flips"], "--tta is for UNet/FC-DenseNet runs"),
+        (["--model", str(run), "--max_detections", "0"], "--max_detections must be >= 1"),
         (["--model", str(run), "--overlap", "120"], "change --tile_size, --overlap"),
         (["--model", str(run), "--class_folder", str(root / "nowhere")], "nowhere"),
     ]
