@@ -20,6 +20,7 @@ from scipy import ndimage
 from enki_seg.evaluation import coco_ap as coco_eval
 import inference
 from enki_seg.data import tiling
+from enki_seg.inference import core
 from enki_seg.inference import instance as instance_inference
 from enki_seg.inference.instance import Detections, Detector, instance_labels
 from enki_seg.data.normalization import Normalization
@@ -348,3 +349,7 @@ def test_cli_with_an_untrained_small_maskrcnn(tmp_path):
     assert (out / "overlays" / "a.png").is_file()
     with contextlib.redirect_stdout(io.StringIO()):
         COCO(str(out / "detections.json"))
+    # the loaded model takes the caps scaled to the inference tile: 4x the 64 px training tile's area
+    predict, _ = instance_inference.model_functions(core.load_run_info(run), 128)
+    outputs = predict(np.random.default_rng(1).normal(size=(1, 128, 128, 1)).astype(np.float32))
+    assert outputs["boxes"].shape[1] == outputs["masks"].shape[1] == 400
