@@ -129,7 +129,9 @@ def format_table(scores: dict) -> str:
 
     lines.append(f"COCO mask AP {ap('mask_AP')} (AP50 {ap('mask_AP50')}, AP75 {ap('mask_AP75')}), box AP "
                  f"{ap('box_AP')}; {scores['ground_truth']} true objects, {scores['detections']} predicted; "
-                 "ranked by object id" + (f" — {scores['note']}" if "note" in scores else ""))
+                 "ranked by object id (lowest = most confident; label files carry no scores, so this AP can "
+                 "differ from inference.py's, which ranks by score)"
+                 + (f" — {scores['note']}" if "note" in scores else ""))
     return "\n".join(lines)
 
 
