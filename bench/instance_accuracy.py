@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                      "--warmup_steps", str(min(200, args.max_steps // 10))]
         else:
             train = [py, "train_maskrcnn.py", *data_flags, "--number_classes", "2", "--preset", "small",
-                     "--learning_rate", "1e-3", "--max_num_instances", "400",
+                     "--learning_rate", "1e-3",  # --max_num_instances: from the data
                      "--warmup_steps", str(min(200, args.max_steps // 10))]
         if args.precision:
             train += ["--precision", args.precision]
