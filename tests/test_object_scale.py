@@ -61,8 +61,9 @@ def test_builder_measures_whole_source_objects(tmp_path):
         assert stats["count"] == 4  # two images, two objects each: not the pieces in the tiles
         assert stats["area"]["max"] == 800 and stats["area"]["p5"] == 9
         assert stats["box_side"]["max"] == 40 and stats["box_side"]["p5"] == 3  # 40 > the 32 px tile
-        # two objects on 64 x 64 pixels in every image: 488 per megapixel, not the tiles' counts
-        assert stats["per_megapixel"]["max"] == stats["per_megapixel"]["p5"] == pytest.approx(2e6 / 64**2)
+        # the crowding of the records: the 32 px tiles hold the pieces of the objects cut by their edges
+        # (the 40x20 rectangle crosses all four tiles' seams; the 3x3 square lies in the bottom-left tile)
+        assert stats["per_record"] == {"max": 2, "per_megapixel_max": pytest.approx(2e6 / 32**2)}
 
 
 def test_semantic_database_has_no_object_stats(tmp_path):
@@ -171,20 +172,21 @@ def test_inference_uses_the_recorded_overlap(tmp_path, caplog):
 # ----------------------------------------------------------------------------- crowding: caps per tile
 
 
-def crowded(per_megapixel_max):
-    return {**stats(4, 20), "per_megapixel": {"p50": per_megapixel_max / 3, "max": per_megapixel_max}}
+def crowded(most, tile):
+    """Statistics of records of ``tile`` px whose most crowded one holds ``most`` objects."""
+    return {**stats(4, 20), "per_record": {"max": most, "per_megapixel_max": 1e6 * most / tile**2}}
 
 
 SMALL_PRESET_CAPS = {"test_detections_per_image": 100, "rpn_post_nms_topn_test": 256, "rpn_pre_nms_topn_test": 500}
 
 
-def test_caps_follow_the_densest_image_and_the_tile_area():
-    # 1,000 objects per megapixel (a 520x696 image with 362 nuclei): a 256 px tile may hold 2 x 65.5 = 132
-    assert objects_per_tile(crowded(1000), 256 * 256) == 132
-    assert objects_per_tile(crowded(1000), 512 * 512) == 525
-    assert objects_per_tile(stats(4, 20), 256 * 256) is None  # a database built before densities
-    caps = detection_caps(525, SMALL_PRESET_CAPS)  # the preset's ratios: 2.56 proposals per detection, 2 pre-NMS
-    assert caps == {"test_detections_per_image": 525, "rpn_post_nms_topn_test": 1344, "rpn_pre_nms_topn_test": 2688}
+def test_caps_follow_the_most_crowded_record_and_the_tile_area():
+    # the most crowded 256 px record holds 207 objects: a tile of the same size as many, one of 4x the area 4x
+    assert objects_per_tile(crowded(207, 256), 256 * 256) == 207
+    assert objects_per_tile(crowded(207, 256), 512 * 512) == 828
+    assert objects_per_tile(stats(4, 20), 256 * 256) is None  # a database built before per-record counts
+    caps = detection_caps(828, SMALL_PRESET_CAPS)  # the preset's ratios: 2.56 proposals per detection, 2 pre-NMS
+    assert caps == {"test_detections_per_image": 828, "rpn_post_nms_topn_test": 2120, "rpn_pre_nms_topn_test": 4240}
     assert detection_caps(10, SMALL_PRESET_CAPS) == {**SMALL_PRESET_CAPS, "test_detections_per_image": 10}
     # inference: the training tile's caps times the area ratio (never fewer), or --max_detections
     assert scaled_caps(SMALL_PRESET_CAPS, 256, 512)["test_detections_per_image"] == 400
@@ -195,32 +197,40 @@ def test_caps_follow_the_densest_image_and_the_tile_area():
 
 
 def test_trainer_sizes_its_caps_from_the_crowding(tmp_path, caplog):
-    """max_num_instances and the test-time caps of the training tile follow the densest image; the user's
-    --max_num_instances / --maskrcnn caps win (with a warning when too few); old databases keep the preset's."""
+    """max_num_instances and the test-time caps of the training tile follow the most crowded record; the
+    user's --max_num_instances / --maskrcnn caps win (with a warning when too few); old databases keep the
+    preset's."""
     config = MaskRCNNTrainConfig(train_database="train.lmdb", test_database="test.lmdb",
                                  output_dir=str(tmp_path / "run"), number_classes=2)
     with caplog.at_level(logging.INFO):
-        trainer = MaskRCNNTrainer(config, metadata(crowded(20000), tile=128), metadata({}), resume=False)
-    model = trainer.model_config()  # 2 x 20,000 per megapixel x 128**2 px = 656 objects per tile
-    assert trainer.object_scale.max_num_instances == model.max_num_instances == 656
-    assert trainer.reader_options == {"max_instances": 656}
+        trainer = MaskRCNNTrainer(config, metadata(crowded(328, 128), tile=128), metadata({}), resume=False)
+    model = trainer.model_config()
+    assert trainer.object_scale.max_num_instances == model.max_num_instances == 328
+    assert trainer.reader_options == {"max_instances": 328}
     assert (model.test_detections_per_image, model.rpn_post_nms_topn_test, model.rpn_pre_nms_topn_test) == (
-        656, 1680, 3360)
-    assert "up to 656 objects per 128 px training tile" in caplog.text
-    assert trainer.object_scale.to_dict()["detection_caps"]["test_detections_per_image"] == 656  # config.json
+        328, 840, 1680)
+    assert "the most crowded training record holds 328 objects" in caplog.text
+    assert "at most 328 detections from 840 proposals per 128 px tile" in caplog.text
+    assert trainer.object_scale.to_dict()["detection_caps"]["test_detections_per_image"] == 328  # config.json
     assert config.max_num_instances is None  # the train settings (compared on resume) are untouched
 
-    sparse = MaskRCNNTrainer(config, metadata(crowded(100), tile=128), metadata({}), False).model_config()
+    # records of 256 px, cropped to 128 px for training (--crop_size): a crop holds a quarter of the objects
+    config.crop_size = 128
+    cropped = MaskRCNNTrainer(config, metadata(crowded(1000, 256), tile=256), metadata({}), False).model_config()
+    assert (cropped.max_num_instances, cropped.test_detections_per_image) == (1000, 250)
+    config.crop_size = None
+    sparse = MaskRCNNTrainer(config, metadata(crowded(12, 128), tile=128), metadata({}), False).model_config()
     assert (sparse.max_num_instances, *(getattr(sparse, k) for k in CAP_FIELDS)) == (100, 100, 256, 500)
     old = MaskRCNNTrainer(config, metadata(stats(4, 20), tile=128), metadata({}), False).model_config()
     assert (old.max_num_instances, old.test_detections_per_image) == (100, 100)
 
     config.max_num_instances, config.maskrcnn = 50, {"test_detections_per_image": 70}
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        user = MaskRCNNTrainer(config, metadata(crowded(20000), tile=128), metadata({}), False)
+    with caplog.at_level(logging.INFO):
+        user = MaskRCNNTrainer(config, metadata(crowded(328, 128), tile=128), metadata({}), False)
     assert user.model_config().max_num_instances == 50 and user.model_config().test_detections_per_image == 70
-    assert "--max_num_instances 50 is below the 656 objects" in caplog.text
+    assert "--max_num_instances 50 is below the 328 objects" in caplog.text
+    assert "at most 70 detections" in caplog.text
 
 
 def test_inference_scales_the_models_caps_to_its_tile(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from enki_seg.data import tiling
 from enki_seg.data.image_io import InputError
 from enki_seg.data.labels import majority_classes
 from enki_seg.data.normalization import SourceStatsAccumulator, source_image_stats
-from enki_seg.data.object_sizes import object_sizes, per_megapixel
+from enki_seg.data.object_sizes import object_sizes
 from enki_seg.data.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class SourceResult:
     #: (N, 3) int64 (area, box height, box width) of the objects of the whole source image, None without
     #: instance labels (measured before tiling: objects cut by tile edges would look smaller)
     object_sizes: np.ndarray | None = None
-    #: objects per megapixel of the whole source image (``object_sizes.per_megapixel``), None without instances
-    objects_per_megapixel: float | None = None
+    #: (objects, pixels) of each record, in ``tiles`` order (objects cut by the record's edges count); empty
+    #: without instance labels
+    record_objects: list = field(default_factory=list)
     #: the records went to ``emit`` as they were made (``values`` is empty): a source read by region
     streamed: bool = False
 
@@ -171,8 +172,6 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
                           instance is not None, str(image.dtype), image.shape[2], str(mask_dtype),
                           warnings, str(label_path) if looks_binary_255 else None,
                           object_sizes(instance) if instance is not None else None)
-    if instance is not None:
-        result.objects_per_megapixel = per_megapixel(len(result.object_sizes), *instance.shape[:2])
     counted = 0  # rows of the image in the statistics so far
 
     def read_band(y):
@@ -205,6 +204,7 @@ def _convert(source: Source, options: ConvertOptions, image: image_io.ImageSourc
             tile_inst = tile_classes = None
             if instance is not None:
                 tile_inst, tile_classes = _compact_instances(instance[y : y + tile_h, columns], classes_by_id)
+                result.record_objects.append((len(tile_classes), tile_inst.shape[0] * tile_inst.shape[1]))
             example = records.Example(tile_image, np.ascontiguousarray(tile_mask), tile_inst, tile_classes)
             value = records.encode_example(example, options.compression)
             if emit is None:

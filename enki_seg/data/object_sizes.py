@@ -30,26 +30,24 @@ def object_sizes(instance_labels: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
-def summarize(sizes: np.ndarray, densities=None) -> dict:
+def summarize(sizes: np.ndarray, record_counts=None) -> dict:
     """``{"count": N, "area": {"p5", "p25", "p50", "p75", "p95", "max"}, "box_side": {...}}`` of (N, 3)
     ``object_sizes`` rows (``box_side`` = max(height, width)); ``{}`` when there is no object (unknown).
 
-    ``densities``: objects per megapixel of each source image (:func:`per_megapixel`); adds
-    ``"per_megapixel": {percentiles, "max"}`` (the crowding the Mask R-CNN caps follow).
+    ``record_counts``: (objects, pixels) of every record (a tile holds the pieces of the objects its
+    edges cut too); adds ``"per_record": {"max": most objects in a record, "per_megapixel_max": most
+    objects per million pixels of a record}`` (the crowding the Mask R-CNN caps follow).
     """
     sizes = np.asarray(sizes).reshape(-1, 3)
     if sizes.shape[0] == 0:
         return {}
     measures = {"area": sizes[:, 0], "box_side": sizes[:, 1:].max(axis=1)}
-    if densities is not None and len(densities):
-        measures["per_megapixel"] = np.asarray(densities, np.float64)
     summary: dict = {"count": int(sizes.shape[0])}
     for name, values in measures.items():
         summary[name] = {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
         summary[name]["max"] = float(values.max())
+    if record_counts is not None and len(record_counts):
+        counts = np.asarray(record_counts, np.float64).reshape(-1, 2)
+        summary["per_record"] = {"max": int(counts[:, 0].max()),
+                                 "per_megapixel_max": float((1e6 * counts[:, 0] / np.maximum(counts[:, 1], 1)).max())}
     return summary
-
-
-def per_megapixel(count: int, height: int, width: int) -> float:
-    """Objects per million pixels of an image of ``height`` x ``width`` holding ``count`` objects."""
-    return 1e6 * count / max(1, height * width)

@@ -334,8 +334,8 @@ class DatasetMetadata:
     #: (``normalization.source_image_stats``); empty in databases built before they existed
     source_stats: dict[str, dict] = field(default_factory=dict)
     #: object sizes over whole source images (``object_sizes.summarize``: count, percentiles and max of
-    #: area and box side, and of objects per megapixel of each image: ``per_megapixel``, absent in databases
-    #: built before it); empty without instance labels and in databases built before it existed (unknown)
+    #: area and box side; ``per_record``: the most objects of a record, absolute and per megapixel, absent in
+    #: databases built before it); empty without instance labels and in databases built before it existed
     object_stats: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 

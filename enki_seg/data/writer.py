@@ -100,7 +100,7 @@ class SplitAccumulator:
     source_images: int = 0
     source_stats: dict[str, dict] = field(default_factory=dict)
     object_sizes: list[np.ndarray] = field(default_factory=list)  # (N, 3) per source with instance labels
-    objects_per_megapixel: list[float] = field(default_factory=list)  # per source with instance labels
+    record_objects: list = field(default_factory=list)  # (objects, pixels) per record with instance labels
 
     def add(self, result: SourceResult, writer: LmdbWriter) -> None:
         """Write the records of one source and count them; raises InputError on mixed pixel types."""
@@ -121,8 +121,7 @@ class SplitAccumulator:
             self.source_stats[result.tiles[0].image] = result.source_stats
         if result.object_sizes is not None:
             self.object_sizes.append(result.object_sizes)
-            if result.objects_per_megapixel is not None:
-                self.objects_per_megapixel.append(result.objects_per_megapixel)
+            self.record_objects.extend(result.record_objects)
         values = [None] * len(result.tiles) if result.streamed else result.values
         for value, tile, pixels in zip(values, result.tiles, result.class_pixels):
             index = len(self.sources)
@@ -149,7 +148,7 @@ class SplitAccumulator:
             build_args=build_args, sources=self.sources,
             number_classes=number_classes, class_names=class_names, build_id=build_id,
             source_stats=self.source_stats,
-            object_stats=(object_sizes.summarize(np.concatenate(self.object_sizes), self.objects_per_megapixel)
+            object_stats=(object_sizes.summarize(np.concatenate(self.object_sizes), self.record_objects)
                           if self.object_sizes else {}),
         )
 

@@ -30,7 +30,7 @@ from enki_seg.training import loop
 from enki_seg.training.config import BaseTrainConfig, add_common_arguments
 from enki_seg.training.config import build_config as build_base_config
 from enki_seg.training.errors import TrainError
-from enki_seg.training.object_scale import (CAP_FIELDS, CROWDING_FACTOR, ObjectScale, detection_caps,
+from enki_seg.training.object_scale import (CAP_FIELDS, ObjectScale, detection_caps,
                                             objects_per_tile, plan_object_scale)
 from enki_seg.visualize import overlay
 
@@ -136,29 +136,28 @@ def object_scale_of(config: MaskRCNNTrainConfig, train_meta: records.DatasetMeta
 
 
 def crowding(plan: ObjectScale, config: MaskRCNNTrainConfig, model, tile: int | None) -> None:
-    """Objects per training tile from the data (``object_scale.objects_per_tile``): ``--max_num_instances``
-    when not given (at least the preset's 100), and the test-time caps (detections and proposals per
-    tile, ``detection_caps``) unless set in ``--maskrcnn``; recorded in ``plan`` and logged."""
+    """The caps from the data's crowding (``object_stats.per_record``): ``--max_num_instances`` when not given
+    is the most objects of any training record (at least the preset's 100), and the test-time caps
+    (detections and proposals per tile, ``detection_caps``) cover the most crowded record's objects per
+    pixel on a training tile, unless set in ``--maskrcnn``; recorded in ``plan`` and logged."""
+    crowded = plan.object_stats.get("per_record", {})
     expected = objects_per_tile(plan.object_stats, tile * tile) if tile else None
     user = config.max_num_instances
-    plan.max_num_instances = user if user is not None else max(model.max_num_instances, expected or 0)
+    plan.max_num_instances = user if user is not None else max(model.max_num_instances, crowded.get("max", 0))
     preset = {k: getattr(model, k) for k in CAP_FIELDS}
     caps = detection_caps(max(model.test_detections_per_image, expected or 0), preset)
     plan.detection_caps = {k: v for k, v in caps.items() if k not in config.maskrcnn}
-    density = plan.object_stats.get("per_megapixel", {}).get("max")
-    logger.info("%s objects per %s px training tile (%s): max_num_instances %d%s; per tile at test time at most "
-                "%d detections from %d proposals (inference scales them with the tile's area)",
-                "unknown" if expected is None else f"up to {expected}", tile or "?",
-                "the build records no densities" if density is None
-                else f"the densest training image has {density:.0f} objects per megapixel, x{CROWDING_FACTOR:g}",
-                plan.max_num_instances, " (--max_num_instances)" if user is not None else "",
-                model.test_detections_per_image if "test_detections_per_image" in config.maskrcnn
-                else caps["test_detections_per_image"],
-                model.rpn_post_nms_topn_test if "rpn_post_nms_topn_test" in config.maskrcnn
-                else caps["rpn_post_nms_topn_test"])
-    if user is not None and expected is not None and user < expected:
-        plan.warnings.append(f"--max_num_instances {user} is below the {expected} objects a crowded training tile "
-                             "may hold: the smallest objects of such tiles are not trained on")
+    final = {k: config.maskrcnn.get(k, caps[k]) for k in CAP_FIELDS}
+    logger.info("%s: max_num_instances %d%s; at test time at most %d detections from %d proposals per %s px tile "
+                "(inference scales them with its tile's area)",
+                "the records hold no object counts (built before they were recorded)" if not crowded else
+                f"the most crowded training record holds {crowded['max']} objects "
+                f"({crowded['per_megapixel_max']:.0f} per megapixel)", plan.max_num_instances,
+                " (--max_num_instances)" if user is not None else "", final["test_detections_per_image"],
+                final["rpn_post_nms_topn_test"], tile or "?")
+    if user is not None and crowded and user < crowded["max"]:
+        plan.warnings.append(f"--max_num_instances {user} is below the {crowded['max']} objects of the most crowded "
+                             "training record: the smallest objects of such records are not trained on")
 
 
 class MaskRCNNTrainer(loop.Trainer):

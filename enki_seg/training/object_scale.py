@@ -124,19 +124,14 @@ def plan_object_scale(object_stats: dict, min_level: int, max_level: int, num_sc
 #: The MaskRCNNConfig fields that cap the objects found in one tile at test time.
 CAP_FIELDS = ("test_detections_per_image", "rpn_post_nms_topn_test", "rpn_pre_nms_topn_test")
 
-#: The densest training image's objects per pixel, times this, bounds the objects of a tile: objects
-#: cluster within an image (a tile of its crowded part holds more than the image's mean), and the
-#: pieces of objects cut by the tile's edges count in it too.
-CROWDING_FACTOR = 2.0
-
-
 def objects_per_tile(object_stats: dict, tile_area: int) -> int | None:
-    """The most objects a tile of ``tile_area`` pixels should be expected to hold: ``CROWDING_FACTOR`` x the
-    densest training image's objects per pixel x the area; None when the statistics predate densities."""
-    density = (object_stats or {}).get("per_megapixel", {}).get("max")
+    """The most objects a tile of ``tile_area`` pixels should be expected to hold: the most crowded training
+    record's objects per pixel (pieces cut by its edges included) times the area; None when the statistics
+    predate per-record counts."""
+    density = (object_stats or {}).get("per_record", {}).get("per_megapixel_max")
     if density is None:
         return None
-    return int(math.ceil(CROWDING_FACTOR * density * tile_area / 1e6))
+    return int(math.ceil(density * tile_area / 1e6))
 
 
 def detection_caps(detections: int, preset: dict) -> dict:
