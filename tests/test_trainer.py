@@ -113,13 +113,29 @@ def test_auto_precision_keeps_small_and_unmeasured_models_in_float32(monkeypatch
     ("float32", "mixed_bfloat16", "mixed_bfloat16"),  # asked for explicitly: a change the resume check reports
 ])
 def test_resumed_run_keeps_its_precision_under_auto(started, requested, expected):
-    from enki_seg.training.loop import keep_precision
+    from enki_seg.training.loop import keep_started_settings
 
     config = SimpleNamespace(precision=requested)
     folder = SimpleNamespace(path="run", has_checkpoint=lambda: True,
                              saved_sections=lambda: {"train": {"precision": started}})
-    keep_precision(folder, config)
+    keep_started_settings(folder, config)
     assert config.precision == expected
     fresh = SimpleNamespace(precision="auto")
-    keep_precision(SimpleNamespace(path="run", has_checkpoint=lambda: False, saved_sections=dict), fresh)
+    keep_started_settings(SimpleNamespace(path="run", has_checkpoint=lambda: False, saved_sections=dict), fresh)
     assert fresh.precision == "auto"
+
+
+def test_resumed_maskrcnn_run_keeps_its_max_num_instances():
+    """A Mask R-CNN run started when --max_num_instances defaulted to 100 resumes with 100 (not refused as a
+    different run); one started with the data-derived default (None saved) keeps deriving it; a value
+    given now is compared as before."""
+    from enki_seg.training.loop import keep_started_settings
+
+    def folder(saved):
+        return SimpleNamespace(path="run", has_checkpoint=lambda: True,
+                               saved_sections=lambda: {"train": {"max_num_instances": saved, "precision": "float32"}})
+
+    for saved, given, expected in ((100, None, 100), (None, None, None), (100, 300, 300)):
+        config = SimpleNamespace(max_num_instances=given, precision="float32")
+        keep_started_settings(folder(saved), config)
+        assert config.max_num_instances == expected, (saved, given)

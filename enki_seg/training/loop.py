@@ -501,19 +501,28 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def keep_precision(folder: RunFolder, config: BaseTrainConfig) -> None:
-    """``--precision auto`` (the UNet default) on a run that has a checkpoint keeps the precision it was
-    started with: a run started in float32 before auto became the default resumes in float32, and is
-    not refused as a different run."""
-    if config.precision != "auto" or not folder.has_checkpoint():
+#: Settings whose default is decided at run time (this value = "not given"): a resumed run keeps the value
+#: it was started with. ``--precision auto`` (the UNet default since bfloat16 was measured) and Mask R-CNN's
+#: ``--max_num_instances`` (from the data since the builder counts the objects of every record; runs
+#: started before saved 100).
+KEPT_ON_RESUME = {"precision": "auto", "max_num_instances": None}
+
+
+def keep_started_settings(folder: RunFolder, config: BaseTrainConfig) -> None:
+    """On a run that has a checkpoint, each ``KEPT_ON_RESUME`` setting left at its run-time default takes the
+    value the run was started with: a run started in float32 (or with 100 objects per tile) before those
+    defaults existed resumes as it started, and is not refused as a different run."""
+    if not folder.has_checkpoint():
         return
     try:
-        started = folder.saved_sections().get("train", {}).get("precision")
+        started = folder.saved_sections().get("train", {})
     except TrainError:
         return  # an unreadable config.json is reported by the folder check
-    if started and started != "auto":
-        logger.info("--precision auto: %s continues in %s, the precision it started with", folder.path, started)
-        config.precision = started
+    for name, not_given in KEPT_ON_RESUME.items():
+        if hasattr(config, name) and getattr(config, name) == not_given and started.get(name, not_given) != not_given:
+            logger.info("--%s %s: %s continues with %s, the value it started with", name,
+                        "auto" if not_given is None else not_given, folder.path, started[name])
+            setattr(config, name, started[name])
 
 
 def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) -> int:
@@ -526,7 +535,7 @@ def run_main(trainer_class, config: BaseTrainConfig, resume: bool, name: str) ->
         if cluster.multi_worker:
             _prefix_log_lines(f"[worker {cluster.worker_index}] ")
         folder = RunFolder(config.output_dir)
-        keep_precision(folder, config)
+        keep_started_settings(folder, config)
         if cluster.is_chief:
             resume = folder.prepare(dataclasses.asdict(config), resume, RESUME_IGNORED,
                                     defaults=dataclasses.asdict(type(config)()))
