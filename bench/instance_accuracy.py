@@ -1,7 +1,7 @@
 """Benchmark: instance segmentation accuracy on real nuclei (DSB2018 fluorescence), end to end through
 the CLIs, as a new user would run them.
 
-    python bench/instance_accuracy.py [--data ../shared/data/dsb2018-fluo] [--max_steps 5500] \\
+    python bench/instance_accuracy.py [--data ../shared/data/dsb2018-fluo] [--max_steps N] \\
         [--method boundary|maskrcnn] [--validation_fraction 0.1] [--seed 0]
 
 1. A seeded image-level split of the data folder (``--validation_fraction`` of the images for
@@ -73,10 +73,10 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("boundary", "maskrcnn"), default="boundary")
     p.add_argument("--validation_fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_steps", type=int, default=5500, help="training steps (5500: ~29 min in bfloat16 on "
-                   "the 2-core AMX CPU, the issue's 30-minute budget)")
+    # per method, the settings of the README's figures (each within 30 minutes of training on the 2-core CPU)
+    p.add_argument("--tile_size", type=int, help="training tile (boundary 128, maskrcnn 256)")
+    p.add_argument("--batch_size", type=int, help="batch size (boundary 8, maskrcnn 4)")
+    p.add_argument("--max_steps", type=int, help="training steps (boundary 4000, maskrcnn 3500)")
     p.add_argument("--test_every_n_steps", type=int, default=500)
     p.add_argument("--inference_tile_size", type=int, default=512)
     p.add_argument("--work_dir", help="keep the split, databases, run and predictions here")
@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--tta", default="none", help="inference.py --tta for boundary runs (none)")
     p.add_argument("--precision", help="the trainers' --precision (default: theirs; train_unet.py: auto)")
     args = p.parse_args(argv)
+    for name, values in (("tile_size", (128, 256)), ("batch_size", (8, 4)), ("max_steps", (4000, 3500))):
+        if getattr(args, name) is None:
+            setattr(args, name, values[args.method == "maskrcnn"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
