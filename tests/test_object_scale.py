@@ -204,12 +204,12 @@ def test_trainer_sizes_its_caps_from_the_crowding(tmp_path, caplog):
                                  output_dir=str(tmp_path / "run"), number_classes=2)
     with caplog.at_level(logging.INFO):
         trainer = MaskRCNNTrainer(config, metadata(crowded(328, 128), tile=128), metadata({}), resume=False)
-    model = trainer.model_config()
-    assert trainer.object_scale.max_num_instances == model.max_num_instances == 328
-    assert trainer.reader_options == {"max_instances": 328}
+    model = trainer.model_config()  # 328 objects x 1 / 0.9**2: the default scale augmentation zooms out by 0.9
+    assert trainer.object_scale.max_num_instances == model.max_num_instances == 405
+    assert trainer.reader_options == {"max_instances": 405}
     assert (model.test_detections_per_image, model.rpn_post_nms_topn_test, model.rpn_pre_nms_topn_test) == (
         328, 840, 1680)
-    assert "the most crowded training record holds 328 objects" in caplog.text
+    assert "the most crowded training record holds 328 objects" in caplog.text and "x1.23" in caplog.text
     assert "at most 328 detections from 840 proposals per 128 px tile" in caplog.text
     assert trainer.object_scale.to_dict()["detection_caps"]["test_detections_per_image"] == 328  # config.json
     assert config.max_num_instances is None  # the train settings (compared on resume) are untouched
@@ -217,7 +217,11 @@ def test_trainer_sizes_its_caps_from_the_crowding(tmp_path, caplog):
     # records of 256 px, cropped to 128 px for training (--crop_size): a crop holds a quarter of the objects
     config.crop_size = 128
     cropped = MaskRCNNTrainer(config, metadata(crowded(1000, 256), tile=256), metadata({}), False).model_config()
-    assert (cropped.max_num_instances, cropped.test_detections_per_image) == (1000, 250)
+    assert (cropped.max_num_instances, cropped.test_detections_per_image) == (1235, 250)
+    config.use_augmentation = False  # no zoom-out: the record's count
+    assert MaskRCNNTrainer(config, metadata(crowded(1000, 256), tile=256), metadata({}), False).model_config(
+        ).max_num_instances == 1000
+    config.use_augmentation = True
     config.crop_size = None
     sparse = MaskRCNNTrainer(config, metadata(crowded(12, 128), tile=128), metadata({}), False).model_config()
     assert (sparse.max_num_instances, *(getattr(sparse, k) for k in CAP_FIELDS)) == (100, 100, 256, 500)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,13 +138,19 @@ def object_scale_of(config: MaskRCNNTrainConfig, train_meta: records.DatasetMeta
 
 def crowding(plan: ObjectScale, config: MaskRCNNTrainConfig, model, tile: int | None) -> None:
     """The caps from the data's crowding (``object_stats.per_record``): ``--max_num_instances`` when not given
-    is the most objects of any training record (at least the preset's 100), and the test-time caps
+    is the most objects of any training record, times the area the scale augmentation may add (at least the
+    preset's 100), and the test-time caps
     (detections and proposals per tile, ``detection_caps``) cover the most crowded record's objects per
     pixel on a training tile, unless set in ``--maskrcnn``; recorded in ``plan`` and logged."""
     crowded = plan.object_stats.get("per_record", {})
     expected = objects_per_tile(plan.object_stats, tile * tile) if tile else None
     user = config.max_num_instances
-    plan.max_num_instances = user if user is not None else max(model.max_num_instances, crowded.get("max", 0))
+    # the scale augmentation zooms out by up to (1 - scale) on each axis: the view then holds up to
+    # 1 / (1 - scale)**2 times the record's area (beyond its edges, reflected objects)
+    augment = config.augment_config()
+    zoom_out = 1.0 / (1.0 - augment.scale) ** 2 if augment is not None and augment.scale > 0 else 1.0
+    most = int(math.ceil(crowded.get("max", 0) * zoom_out))
+    plan.max_num_instances = user if user is not None else max(model.max_num_instances, most)
     preset = {k: getattr(model, k) for k in CAP_FIELDS}
     caps = detection_caps(max(model.test_detections_per_image, expected or 0), preset)
     plan.detection_caps = {k: v for k, v in caps.items() if k not in config.maskrcnn}
@@ -152,7 +159,9 @@ def crowding(plan: ObjectScale, config: MaskRCNNTrainConfig, model, tile: int | 
                 "(inference scales them with its tile's area)",
                 "the records hold no object counts (built before they were recorded)" if not crowded else
                 f"the most crowded training record holds {crowded['max']} objects "
-                f"({crowded['per_megapixel_max']:.0f} per megapixel)", plan.max_num_instances,
+                f"({crowded['per_megapixel_max']:.0f} per megapixel"
+                + (f"; x{zoom_out:.2f} for the scale augmentation's zoom-out" if zoom_out > 1 else "") + ")",
+                plan.max_num_instances,
                 " (--max_num_instances)" if user is not None else "", final["test_detections_per_image"],
                 final["rpn_post_nms_topn_test"], tile or "?")
     if user is not None and crowded and user < crowded["max"]:
