@@ -124,6 +124,7 @@ def plan_object_scale(object_stats: dict, min_level: int, max_level: int, num_sc
 #: The MaskRCNNConfig fields that cap the objects found in one tile at test time.
 CAP_FIELDS = ("test_detections_per_image", "rpn_post_nms_topn_test", "rpn_pre_nms_topn_test")
 
+
 def objects_per_tile(object_stats: dict, tile_area: int) -> int | None:
     """The most objects a tile of ``tile_area`` pixels should be expected to hold: the most crowded training
     record's objects per pixel (pieces cut by its edges included) times the area; None when the statistics
