@@ -521,7 +521,7 @@ def keep_started_settings(folder: RunFolder, config: BaseTrainConfig) -> None:
     for name, not_given in KEPT_ON_RESUME.items():
         if hasattr(config, name) and getattr(config, name) == not_given and started.get(name, not_given) != not_given:
             logger.info("--%s %s: %s continues with %s, the value it started with", name,
-                        "auto" if not_given is None else not_given, folder.path, started[name])
+                        "not given" if not_given is None else not_given, folder.path, started[name])
             setattr(config, name, started[name])
 
 
